@@ -1,0 +1,139 @@
+"""Pure-torch reference of the fused sampling step: the specification every backend matches.
+
+One transition t → s of a discrete-time VP diffusion, per sample (DESIGN.md §4):
+
+    x̂0  = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t                      (optionally clipped to [−c, c])
+    x_s = c_x0·x̂0 + c_x·x_t + c_eps·ε + σ·z
+
+with the coefficients of
+
+* **DDIM** (Song et al. 2021, eq. 12), η ∈ [0, 1]:
+  σ = η·√((1−ᾱ_s)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_s), c_x0 = √ᾱ_s, c_x = 0, c_eps = √(1−ᾱ_s−σ²);
+* **DDPM posterior** q(x_s | x_t, x̂0) (Ho et al. 2020, eq. 7, for s = t−1; for any s < t it
+  is the Markovian skipped-step sampler of Xu 2025): with α_{t|s} = ᾱ_t/ᾱ_s, β_{t|s} = 1−α_{t|s},
+  c_x0 = √ᾱ_s·β_{t|s}/(1−ᾱ_t), c_x = √α_{t|s}·(1−ᾱ_s)/(1−ᾱ_t), c_eps = 0,
+  σ² = (1−ᾱ_s)/(1−ᾱ_t)·β_{t|s}.
+
+Timestep indices are rows of the ᾱ table (0..T−1); ``s = -1`` (:data:`CLEAN`) is the data
+end of the chain, ᾱ = 1, where both solvers return x̂0. Coefficients are computed in float64;
+the element-wise update runs in float64 for float64 input and float32 otherwise, then is
+cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+SOLVERS = ("ddim", "ddpm")
+CLEAN = -1
+"""Plan marker for the end of the chain: x_0 itself, ᾱ = 1 (diffusers' ``prev_timestep = -1``)."""
+
+
+class StepCoefficients(NamedTuple):
+    """Per-sample coefficients of one transition, float64 tensors of shape [B]."""
+
+    x0_from_x: Tensor  # 1/√ᾱ_t
+    x0_from_eps: Tensor  # −√(1−ᾱ_t)/√ᾱ_t
+    c_x0: Tensor
+    c_x: Tensor
+    c_eps: Tensor
+    sigma: Tensor
+
+
+def gather_alphas(alphas_cumprod: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """ᾱ_t and ᾱ_s per sample in float64; ``s < 0`` gives ᾱ_s = 1. Indices are clamped so that
+    masked samples (whose t may be :data:`CLEAN`) never index out of range."""
+    table = alphas_cumprod.to(torch.float64)
+    last = table.numel() - 1
+    a_t = table[t.clamp(0, last)]
+    a_s = torch.where(s >= 0, table[s.clamp(0, last)], torch.ones_like(a_t))
+    return a_t, a_s
+
+
+def step_coefficients(alphas_cumprod: Tensor, t: Tensor, s: Tensor, solver: str = "ddim", eta: float = 0.0) -> StepCoefficients:
+    """Coefficients of x_s = c_x0·x̂0 + c_x·x_t + c_eps·ε + σ·z for each sample (module docstring)."""
+    a_t, a_s = gather_alphas(alphas_cumprod, t, s)
+    x0_from_x = a_t.rsqrt()
+    x0_from_eps = -(1 - a_t).sqrt() * x0_from_x
+    zero = torch.zeros_like(a_t)
+    if solver == "ddim":
+        var = eta**2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+        c_eps = (1 - a_s - var).clamp(min=0).sqrt()
+        return StepCoefficients(x0_from_x, x0_from_eps, a_s.sqrt(), zero, c_eps, var.sqrt())
+    if solver == "ddpm":
+        alpha_ts = a_t / a_s
+        beta_ts = 1 - alpha_ts
+        c_x0 = a_s.sqrt() * beta_ts / (1 - a_t)
+        c_x = alpha_ts.sqrt() * (1 - a_s) / (1 - a_t)
+        var = (1 - a_s) / (1 - a_t) * beta_ts
+        return StepCoefficients(x0_from_x, x0_from_eps, c_x0, c_x, zero, var.sqrt())
+    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+
+
+def predict_x0(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, clip: float | None = None) -> Tensor:
+    """x̂0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t per sample, optionally clipped to [−clip, clip]."""
+    a_t, _ = gather_alphas(alphas_cumprod, t, t)
+    compute = _compute_dtype(x.dtype)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    c1 = a_t.rsqrt().to(compute).view(shape)
+    c2 = (-(1 - a_t).sqrt() * a_t.rsqrt()).to(compute).view(shape)
+    x0 = c1 * x.to(compute) + c2 * eps.to(compute)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return x0.to(x.dtype)
+
+
+def fused_step_reference(
+    x: Tensor,
+    eps: Tensor,
+    alphas_cumprod: Tensor,
+    t: Tensor,
+    s: Tensor,
+    *,
+    noise: Tensor | None = None,
+    active: Tensor | None = None,
+    solver: str = "ddim",
+    eta: float = 0.0,
+    clip: float | None = None,
+    return_x0: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """One transition t → s for every sample of a batch (module docstring for the formulas).
+
+    Args:
+        x, eps: [B, ...] current sample x_t and the model's noise prediction ε.
+        alphas_cumprod: [T] ᾱ table.
+        t, s: [B] int64 current and next timestep; ``s = -1`` is the clean end.
+        noise: [B, ...] z ~ N(0, I), needed when σ > 0 (``solver="ddpm"`` or η > 0).
+        active: [B] bool; inactive samples are returned unchanged (x̂0 for them is x).
+        solver: "ddim" or "ddpm".
+        eta: DDIM stochasticity η ∈ [0, 1] (ignored by "ddpm").
+        clip: clip x̂0 to [−clip, clip] before the update, or None.
+        return_x0: also return x̂0.
+
+    Returns:
+        x_s, or (x_s, x̂0), in the dtype of ``x``.
+    """
+    coef = step_coefficients(alphas_cumprod, t, s, solver, eta)
+    compute = _compute_dtype(x.dtype)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    c = [v.to(compute).view(shape) for v in coef]
+    xc, ec = x.to(compute), eps.to(compute)
+    x0 = c[0] * xc + c[1] * ec
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    x_next = c[2] * x0 + c[3] * xc + c[4] * ec
+    if noise is not None:
+        x_next = x_next + c[5] * noise.to(compute)
+    if active is not None:
+        keep = active.view(shape)
+        x_next = torch.where(keep, x_next, xc)
+        x0 = torch.where(keep, x0, xc)
+    x_next = x_next.to(x.dtype)
+    return (x_next, x0.to(x.dtype)) if return_x0 else x_next
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
