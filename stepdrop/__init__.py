@@ -1,3 +1,58 @@
-"""stepdrop: fast sampling for tiny diffusion models."""
+"""stepdrop: fast sampling for tiny diffusion models.
+
+Fewer model calls (step policies), cheaper calls (fused kernels), and counted costs.
+
+    >>> from stepdrop import FusedSampler, NoiseSchedule, TinyUNet
+"""
+
+from stepdrop.ops import BACKENDS, CLEAN, SOLVERS, available_backends, fused_step
+from stepdrop.plan import StepPlan
+from stepdrop.policies import (
+    POLICIES,
+    Adaptive,
+    Combined,
+    Cosine,
+    CustomTimesteps,
+    GradientAware,
+    Importance,
+    LogSNRUniform,
+    NoiseAware,
+    Quadratic,
+    StochasticStepDrop,
+    Uniform,
+    get_policy,
+)
+from stepdrop.sampler import FusedSampler, NonFiniteOutputError, SampleStats
+from stepdrop.schedule import NoiseSchedule
+from stepdrop.models import DiffusersUNetAdapter, TinyUNet, as_eps_model
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "CLEAN",
+    "POLICIES",
+    "SOLVERS",
+    "Adaptive",
+    "Combined",
+    "Cosine",
+    "CustomTimesteps",
+    "DiffusersUNetAdapter",
+    "FusedSampler",
+    "GradientAware",
+    "Importance",
+    "LogSNRUniform",
+    "NoiseAware",
+    "NoiseSchedule",
+    "NonFiniteOutputError",
+    "Quadratic",
+    "SampleStats",
+    "StepPlan",
+    "StochasticStepDrop",
+    "TinyUNet",
+    "Uniform",
+    "as_eps_model",
+    "available_backends",
+    "fused_step",
+    "get_policy",
+]

@@ -45,6 +45,12 @@ def check_float(
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -84,3 +90,12 @@ def check_same_device(**tensors: Tensor | None) -> None:
 
 def _fmt(bound: float | None, unbounded: str) -> str:
     return unbounded if bound is None else str(bound)
+
+
+def model_device_dtype(model: object) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a model's first parameter (CPU float32 for parameter-free callables)."""
+    try:
+        p = next(model.parameters())  # type: ignore[attr-defined]
+        return p.device, p.dtype
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu"), torch.float32

@@ -21,8 +21,12 @@ try:
 except ImportError as exc:  # built without the extension, or a broken build
     _C = None
     IMPORT_ERROR = exc
-    warnings.warn(
-        f"stepdrop: compiled extension unavailable ({exc}); using the torch backend", RuntimeWarning, stacklevel=2
+    # warn_explicit with no source file: the warning prints as exactly one line
+    warnings.warn_explicit(
+        f"compiled extension stepdrop._C unavailable ({exc}); using the torch backend",
+        RuntimeWarning,
+        filename="stepdrop",
+        lineno=0,
     )
 
 

@@ -135,5 +135,15 @@ def fused_step_reference(
     return (x_next, x0.to(x.dtype)) if return_x0 else x_next
 
 
+def grad_norm_probe(eps_probe: Tensor, eps: Tensor, v: Tensor, step: float) -> Tensor:
+    """Hutchinson-style sensitivity per sample: ‖J v‖/‖v‖ with J v ≈ (ε(x + h·v) − ε(x))/h.
+
+    For v ~ N(0, I), E‖J v‖² = ‖J‖_F², so this estimates the Jacobian's Frobenius norm over
+    √dim (AS-DDIM's g(t), seed 001 §3.2). Returns float32/float64 [B]."""
+    compute = _compute_dtype(eps.dtype)
+    diff = (eps_probe.to(compute) - eps.to(compute)).flatten(1)
+    return diff.norm(dim=1) / (step * v.to(compute).flatten(1).norm(dim=1))
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,383 @@
+"""A small DDPM-style UNet for pixel-space noise prediction.
+
+Architecture after Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (appendix B):
+a sinusoidal timestep embedding (the Transformer's positional encoding, Vaswani et al. 2017)
+fed through a two-layer MLP; at each resolution ``num_res_blocks`` residual blocks (GroupNorm,
+SiLU, 3×3 convolutions, the time embedding added between the two convolutions, dropout);
+single-layer self-attention at chosen resolutions; stride-2 convolutions down, nearest
+upsampling + 3×3 convolution up, with skip connections concatenated on the way up; a middle
+block ResBlock → attention → ResBlock.
+
+Contract (shared by every model in stepdrop): ``eps = model(x, t)`` with ``x`` of shape
+[B, C, H, W] and ``t`` an integer timestep vector [B] (or one timestep for the whole batch);
+``eps`` has ``x``'s shape.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stepdrop._validation import check_float, check_int
+
+__all__ = ["TinyUNet", "timestep_embedding"]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal timestep embedding (Ho et al. 2020; Vaswani et al. 2017, sec. 3.5).
+
+    ``emb[b] = [sin(t_b·ω_0), …, sin(t_b·ω_{h−1}), cos(t_b·ω_0), …, cos(t_b·ω_{h−1})]`` with
+    ``h = dim // 2`` and ``ω_i = max_period^(−i/(h−1))``, computed in float32; an odd ``dim``
+    gets one zero column appended.
+
+    Args:
+        t: timesteps, shape [B] (integer or floating dtype).
+        dim: embedding width, ≥ 1.
+    Returns:
+        float32 tensor of shape [B, dim].
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1)
+    )
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
+    # The largest group count ≤ max_groups that divides the channel count.
+    return nn.GroupNorm(math.gcd(max_groups, channels), channels, eps=1e-6)
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv3×3 → (+ time embedding) → GroupNorm → SiLU → dropout → conv3×3, plus skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = _group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class _AttnBlock(nn.Module):
+    """Multi-head self-attention over the H·W positions, residual (F.scaled_dot_product_attention)."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, heads, C // heads, H * W)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [B, heads, HW, d]
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class _Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class _Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """The blocks of one resolution: ResBlocks (each optionally followed by attention) and a resampler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.res = nn.ModuleList()
+        self.attn = nn.ModuleList()  # nn.Identity where the resolution has no attention
+        self.resample: nn.Module = nn.Identity()
+
+
+class TinyUNet(nn.Module):
+    """Small DDPM UNet predicting the noise ε (Ho et al. 2020, "Denoising Diffusion Probabilistic Models").
+
+    Input ``x``: float [B, in_channels, image_size, image_size]; ``t``: int64 timesteps [B]
+    (one per sample; values in [0, T−1]) or a single timestep (0-dim tensor or Python int)
+    broadcast over the batch. Output: ε̂ of shape [B, out_channels, image_size, image_size]
+    (``out_channels`` defaults to ``in_channels``, so ε̂ has ``x``'s shape). Each sample's output
+    depends only on its own ``x[b]`` and ``t[b]`` (GroupNorm normalises within a sample).
+
+    Args:
+        in_channels: image channels, ≥ 1 (default 3).
+        out_channels: output channels, ≥ 1, or None for ``in_channels``.
+        image_size: side length H = W, ≥ 1 and divisible by 2**(len(channel_mults) − 1) (default 32).
+        base_channels: channels of the first level, ≥ 1 (default 32); level i has
+            ``base_channels * channel_mults[i]``; also the width of the sinusoidal embedding.
+        channel_mults: non-empty sequence of positive ints, one per resolution (default (1, 2, 2)).
+            Level i works at resolution ``image_size // 2**i``.
+        num_res_blocks: ResBlocks per level on the way down, ≥ 1 (default 2; the way up has one more).
+        attention_resolutions: resolutions (side lengths) with self-attention after each
+            ResBlock; each must be one of ``image_size // 2**i`` (default (16,)). Empty: none.
+        dropout: dropout probability inside ResBlocks, in [0, 1) (default 0.0).
+        num_heads: attention heads, ≥ 1, dividing the channel count at every attention
+            block (default 1).
+        time_embed_dim: width of the time-embedding MLP, ≥ 1, or None for ``4 * base_channels``.
+        mid_attention: whether the middle block has self-attention (default True, as in DDPM).
+        norm_groups: largest GroupNorm group count (default 32); each norm uses
+            gcd(norm_groups, channels) groups so that the count divides the channels.
+        zero_init_output: zero the final convolution's weights and bias (default False).
+            True is the usual choice for training from scratch (the network starts at ε̂ = 0);
+            False keeps a freshly built model a non-degenerate function of (x, t) for tests
+            and benchmarks.
+
+    Timestep values are not range-checked in ``forward`` (that would need a device sync).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        image_size: int = 32,
+        base_channels: int = 32,
+        channel_mults: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.0,
+        num_heads: int = 1,
+        time_embed_dim: int | None = None,
+        mid_attention: bool = True,
+        norm_groups: int = 32,
+        zero_init_output: bool = False,
+    ):
+        super().__init__()
+        in_channels = check_int("in_channels", in_channels, low=1)
+        out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels, low=1)
+        image_size = check_int("image_size", image_size, low=1)
+        base_channels = check_int("base_channels", base_channels, low=1)
+        channel_mults = _int_tuple("channel_mults", channel_mults, low=1)
+        if not channel_mults:
+            raise ValueError("channel_mults must be a non-empty sequence of positive ints, got ()")
+        num_res_blocks = check_int("num_res_blocks", num_res_blocks, low=1)
+        attention_resolutions = _int_tuple("attention_resolutions", attention_resolutions, low=1)
+        dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        num_heads = check_int("num_heads", num_heads, low=1)
+        time_embed_dim = 4 * base_channels if time_embed_dim is None else check_int("time_embed_dim", time_embed_dim, low=1)
+        mid_attention = _check_bool("mid_attention", mid_attention)
+        norm_groups = check_int("norm_groups", norm_groups, low=1)
+        zero_init_output = _check_bool("zero_init_output", zero_init_output)
+
+        num_levels = len(channel_mults)
+        factor = 2 ** (num_levels - 1)
+        if image_size % factor:
+            raise ValueError(
+                f"image_size must be divisible by 2**(len(channel_mults) - 1) = {factor} "
+                f"(it is halved {num_levels - 1} time(s)), got {image_size}"
+            )
+        resolutions = tuple(image_size // 2**i for i in range(num_levels))
+        bad = sorted(set(attention_resolutions) - set(resolutions))
+        if bad:
+            raise ValueError(
+                f"attention_resolutions must be resolutions that occur in the network {resolutions}, "
+                f"got {attention_resolutions} ({bad} do not occur)"
+            )
+        attn_channels = [base_channels * m for m, r in zip(channel_mults, resolutions) if r in attention_resolutions]
+        if mid_attention:
+            attn_channels.append(base_channels * channel_mults[-1])
+        for ch in attn_channels:
+            if ch % num_heads:
+                raise ValueError(
+                    f"num_heads must divide the channel count of every attention block {sorted(set(attn_channels))}, "
+                    f"got {num_heads}"
+                )
+
+        self._config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "image_size": image_size,
+            "base_channels": base_channels,
+            "channel_mults": list(channel_mults),
+            "num_res_blocks": num_res_blocks,
+            "attention_resolutions": list(attention_resolutions),
+            "dropout": dropout,
+            "num_heads": num_heads,
+            "time_embed_dim": time_embed_dim,
+            "mid_attention": mid_attention,
+            "norm_groups": norm_groups,
+            "zero_init_output": zero_init_output,
+        }
+
+        g = norm_groups
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def attn_or_identity(ch: int, res: int) -> nn.Module:
+            return _AttnBlock(ch, num_heads, g) if res in attention_resolutions else nn.Identity()
+
+        # Down path; record the channels of every feature map pushed as a skip connection.
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        ch = base_channels
+        for i, (mult, res) in enumerate(zip(channel_mults, resolutions)):
+            level = _Level()
+            out_ch = base_channels * mult
+            for _ in range(num_res_blocks):
+                level.res.append(_ResBlock(ch, out_ch, time_embed_dim, dropout, g))
+                level.attn.append(attn_or_identity(out_ch, res))
+                ch = out_ch
+                skip_channels.append(ch)
+            if i < num_levels - 1:
+                level.resample = _Downsample(ch)
+                skip_channels.append(ch)
+            self.down.append(level)
+
+        self.mid_res1 = _ResBlock(ch, ch, time_embed_dim, dropout, g)
+        self.mid_attn = _AttnBlock(ch, num_heads, g) if mid_attention else nn.Identity()
+        self.mid_res2 = _ResBlock(ch, ch, time_embed_dim, dropout, g)
+
+        # Up path (stored coarsest level first, in execution order).
+        self.up = nn.ModuleList()
+        for i in reversed(range(num_levels)):
+            level = _Level()
+            out_ch = base_channels * channel_mults[i]
+            for _ in range(num_res_blocks + 1):
+                level.res.append(_ResBlock(ch + skip_channels.pop(), out_ch, time_embed_dim, dropout, g))
+                level.attn.append(attn_or_identity(out_ch, resolutions[i]))
+                ch = out_ch
+            if i > 0:
+                level.resample = _Upsample(ch)
+            self.up.append(level)
+        assert not skip_channels  # internal invariant, not user input
+
+        self.norm_out = _group_norm(ch, g)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        if zero_init_output:
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments as a plain JSON-able dict (lists, not tuples)."""
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._config.items()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "TinyUNet":
+        """Build a model from :attr:`config` (missing keys take their defaults)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+        known = set(cls._config_keys())
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}; legal keys are {sorted(known)}")
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+        return cls(**kwargs)
+
+    @staticmethod
+    def _config_keys() -> tuple[str, ...]:
+        import inspect
+
+        return tuple(p for p in inspect.signature(TinyUNet.__init__).parameters if p != "self")
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input sample."""
+        c = self._config
+        return (c["in_channels"], c["image_size"], c["image_size"])
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (only those with ``requires_grad`` if ``trainable_only``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self._config.items())
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
+        """ε̂ = model(x, t); x: float [B, C, H, W], t: int timesteps [B] or a single one."""
+        x, t = self._check_inputs(x, t)
+        temb = timestep_embedding(t, self._config["base_channels"])
+        temb = self.time_mlp(temb.to(self.time_mlp[0].weight.dtype))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(h, temb))
+                skips.append(h)
+            if not isinstance(level.resample, nn.Identity):
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb)), temb)
+
+        for level in self.up:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(torch.cat([h, skips.pop()], dim=1), temb))
+            h = level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _check_inputs(self, x: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
+        expected = self.sample_shape
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
+        B = x.shape[0]
+        if isinstance(t, Tensor):
+            if t.dtype == torch.bool or t.is_complex():
+                raise TypeError(f"t must be an integer (or real) tensor, got dtype {t.dtype}")
+            if t.ndim == 0:
+                t = t.reshape(1).expand(B)
+            elif t.ndim != 1 or t.shape[0] != B:
+                raise ValueError(f"t must have shape [B] = [{B}] (one timestep per sample) or be 0-dim, got {tuple(t.shape)}")
+            t = t.to(x.device, non_blocking=True)
+        elif isinstance(t, numbers.Real) and not isinstance(t, bool):
+            dtype = torch.int64 if isinstance(t, numbers.Integral) else torch.float32
+            t = torch.full((B,), t, dtype=dtype, device=x.device)
+        else:
+            raise TypeError(f"t must be a tensor of shape [B] or a Python int, got {type(t).__name__}")
+        return x, t
+
+
+def _int_tuple(name: str, value: object, *, low: int) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
+    return tuple(check_int(f"{name}[{i}]", v, low=low) for i, v in enumerate(value))
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
