@@ -75,18 +75,19 @@ def trailing_from_unit(grid: Tensor, num_train_timesteps: int) -> Tensor:
 def timesteps_from_density(density: Tensor, budget: int) -> Tensor:
     """K model-call timesteps at equal-mass quantiles of a step density ρ(t) over t = 0..T−1.
 
-    Call i (i = 0..K−1) sits at the first t whose cumulative mass M(t) = Σ_{τ≤t} ρ(τ)/Σρ
-    reaches (K−i)/K; a constant ρ gives uniform trailing spacing. More density ⇒ more steps.
+    Timestep t owns the mass interval (C(t−1), C(t)], C(t) = Σ_{τ≤t} ρ(τ). Call i (i = 0..K−1)
+    sits where the cumulative mass, inverted piecewise-linearly, reaches S·(K−i)/K (S = Σρ),
+    rounded like :class:`Uniform`: a constant ρ gives exactly the uniform trailing timesteps.
+    More density ⇒ more steps.
     """
     if density.ndim != 1 or not torch.isfinite(density).all() or (density < 0).any() or density.sum() <= 0:
         raise ValueError("density must be a 1-D tensor of finite, non-negative values with a positive sum")
     T = density.numel()
     K = check_budget(budget, T)
-    mass = torch.cumsum(density.to(torch.float64), 0)
-    mass = mass / mass[-1]
-    levels = (K - torch.arange(K, dtype=torch.float64)) / K
-    ts = torch.searchsorted(mass, levels - 1e-12)
-    return make_strictly_decreasing(ts, T)
+    mass = torch.cat([density.new_zeros(1, dtype=torch.float64), torch.cumsum(density.to(torch.float64), 0)])
+    targets = mass[-1] * (K - torch.arange(K, dtype=torch.float64)) / K
+    position = _interp(targets, mass, torch.arange(T + 1, dtype=torch.float64))  # t + 1, continuous
+    return make_strictly_decreasing(torch.round(position) - 1, T)
 
 
 def _finish(timesteps: Tensor, T: int, policy: str, **kwargs: Any) -> StepPlan:

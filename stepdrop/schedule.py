@@ -86,6 +86,8 @@ class NoiseSchedule:
         a = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
         if a.ndim != 1 or a.numel() < 2:
             raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(a.shape)}")
+        if not torch.isfinite(a).all() or (a <= 0).any() or (a >= 1).any() or (a[1:] >= a[:-1]).any():
+            raise ValueError("alphas_cumprod must be finite, strictly decreasing and each in the open interval (0, 1)")
         prev = torch.cat([a.new_ones(1), a[:-1]])
         schedule = cls(1 - a / prev, kind="custom")
         schedule.alphas_cumprod = a.clone()  # keep the caller's table bit for bit
