@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 
 NATIVE_SOURCES := setup.py $(wildcard csrc/*) $(wildcard kernels/*)
 
-.PHONY: all test build venv cmake-check bench clean
+.PHONY: all test demo build venv cmake-check bench clean
 
 all: test
 
@@ -27,7 +27,7 @@ $(STAMP)/venv:
 	@touch $@
 
 $(STAMP)/deps: $(STAMP)/venv pyproject.toml
-	$(PIP) install -q pybind11 ninja numpy tqdm pytest pytest-benchmark pytest-timeout \
+	$(PIP) install -q pybind11 ninja numpy tqdm pillow pytest pytest-benchmark pytest-timeout \
 		"diffusers==0.42.1" scipy
 	@touch $@
 
@@ -40,6 +40,12 @@ build: $(STAMP)/build
 
 test: $(STAMP)/build
 	$(PY) -m pytest -q tests
+
+# The embedded Fashion-MNIST model sampled with several policies from one seed:
+# a PNG grid per policy and a table of counted NFE, wall time and images/s in demo/.
+demo: $(STAMP)/build
+	$(PY) -m stepdrop.cli sample --policies "ddpm-1000@4,ddim-10,ddim-25,stepdrop-25,adaptive-25" \
+		--num-samples 16 --seed 0 --out demo
 
 bench: $(STAMP)/build
 	$(PY) -m pytest -q benchmarks --benchmark-only

@@ -1,0 +1,197 @@
+"""The ``stepdrop`` command line: ``stepdrop train``, ``stepdrop export``, ``stepdrop sample``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from stepdrop.train import LR_SCHEDULES, SCHEDULES, TrainConfig
+    from stepdrop.data import DATASETS
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a TinyUNet noise-prediction model",
+        description="Train a TinyUNet with the DDPM objective (MSE on the noise), AdamW, warm-up then cosine or "
+        "constant LR, EMA weights and gradient clipping. Checkpoints (<out>/checkpoint.pt) are written atomically "
+        "every --checkpoint-every steps and on Ctrl-C; --resume continues a run exactly (bit for bit on the CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training images")
+    p.add_argument("--data-root", default=None, help="folder with the dataset files (default: the dataset's standard place)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels, help="image channels (Fashion-MNIST: 1, or 3 replicated)")
+    p.add_argument("--base-channels", type=int, default=d.base_channels, help="UNet width")
+    p.add_argument("--channel-mults", type=_ints, default=d.channel_mults, help="width multiplier per resolution, e.g. 1,2,2")
+    p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks, help="residual blocks per resolution")
+    p.add_argument("--attention-resolutions", type=_ints, default=d.attention_resolutions, help="resolutions with self-attention, e.g. 16 (empty: none)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout in the residual blocks")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="β schedule")
+    p.add_argument("--num-timesteps", type=int, default=d.num_timesteps, help="T, diffusion steps")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (may grow on --resume)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule, help="after the warm-up")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay per step")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random draw")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between lines of <out>/log.jsonl")
+    p.add_argument("--out", default=d.out, help="run folder (checkpoint.pt, log.jsonl)")
+    p.add_argument("--device", default=d.device, help="'auto', 'cpu' or 'cuda[:N]'")
+    p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from stepdrop.train import TrainConfig, train
+
+    names = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        path = train(config, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    print(f"saved {path}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's EMA weights as a model file",
+        description="Write the EMA weights of a training checkpoint, with its model config, noise schedule and a "
+        "model card, as a file that load_checkpoint() reads (fp16 by default).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="training checkpoint (checkpoint.pt)")
+    p.add_argument("out", help="model file to write")
+    p.add_argument("--fp32", action="store_true", help="keep float32 weights (default: fp16 storage)")
+    p.add_argument("--meta", default="{}", help="JSON object merged into the model card")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from stepdrop.checkpoint import export_model
+
+    meta = json.loads(args.meta)
+    if not isinstance(meta, dict):
+        raise ValueError("--meta must be a JSON object")
+    print(f"saved {export_model(args.checkpoint, args.out, half=not args.fp32, meta=meta)}")
+    return 0
+
+
+DEFAULT_SPECS = "ddpm-1000@4,ddim-10,ddim-25,stepdrop-25,adaptive-25"
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    from stepdrop.ops import BACKENDS
+
+    p = sub.add_parser(
+        "sample",
+        help="sample a model with several policies from one seed; PNG grids + a cost table",
+        description="Sample a model with each policy spec from the same initial noise. Writes <out>/<spec>.png "
+        "(a grid per spec), <out>/results.json and results.csv (counted NFE per sample, model calls, wall time of "
+        "the sampling loop without I/O, images/s, the timesteps used) and prints the table. A spec is "
+        "[solver:]policy-budget[@num_samples]: ddim-25 and ddpm-1000 are the uniform policy with that solver; "
+        "other policies (uniform, quadratic, cosine, logsnr, importance, stepdrop, stepdrop_exact, noise_aware, "
+        "gradient_aware, combined, adaptive) use DDIM unless a solver is given (ddpm:importance-25); @N overrides "
+        "--num-samples for that spec.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="name of a model shipped with stepdrop (default: the first one)")
+    src.add_argument("--checkpoint", default=None, help="a training checkpoint or exported model file")
+    p.add_argument("--policies", default=DEFAULT_SPECS, help="comma-separated specs")
+    p.add_argument("--num-samples", type=int, default=16, help="images per spec")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, step noise and stochastic plans")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from stepdrop._io import ensure_writable_folder
+    from stepdrop.checkpoint import load_checkpoint, load_pretrained, pretrained_names
+    from stepdrop.runs import format_table, parse_spec, run_specs, save_grid, write_results
+
+    specs = [parse_spec(s) for s in args.policies.split(",") if s.strip()]
+    if not specs:
+        raise ValueError("--policies names no spec")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ensure_writable_folder(out)
+    if args.checkpoint is not None:
+        loaded = load_checkpoint(args.checkpoint, map_location=args.device)
+    else:
+        names = pretrained_names()
+        if args.model is None and not names:
+            raise ValueError("no model is shipped with this installation: pass --checkpoint PATH")
+        loaded = load_pretrained(args.model or names[0], map_location=args.device)
+    results = run_specs(loaded.model, loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
+                        backend=args.backend, progress=not args.no_progress)
+    rows = []
+    for spec, images, row in results:
+        row["grid"] = str(save_grid(images, out / f"{_file_name(spec.label)}.png"))
+        rows.append(row)
+    meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "device": args.device,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    json_path, csv_path = write_results(rows, out, meta)
+    print(format_table(rows))
+    print(f"grids, {json_path.name} and {csv_path.name} in {out}")
+    return 0
+
+
+def _file_name(label: str) -> str:
+    return label.replace(":", "_").replace("@", "_n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepdrop",
+        description="Fast sampling for tiny diffusion models: step policies, fused kernels, counted costs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_export(sub)
+    _add_sample(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:
+        print(f"stepdrop {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Named sampling runs: parse "solver:policy-budget@samples" specs, run them from one seed,
+and write PNG grids plus JSON/CSV results (what ``stepdrop sample`` and ``make demo`` do).
+
+Spec grammar: ``[solver:]policy-budget[@num_samples]``, e.g. ``ddim-25``, ``stepdrop-25``,
+``ddpm:uniform-100``, ``ddpm-1000@4``. The shorthands ``ddim-K`` and ``ddpm-K`` mean the
+uniform policy with that solver; any other policy runs with DDIM (η = 0) unless a solver is
+given. Every spec starts from the same initial noise (the first samples of one seeded draw).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from stepdrop._io import atomic_write, atomic_write_bytes
+from stepdrop._validation import check_int
+from stepdrop.ops import SOLVERS
+from stepdrop.policies import POLICIES, get_policy
+from stepdrop.sampler import FusedSampler
+from stepdrop.schedule import NoiseSchedule
+
+__all__ = ["RunSpec", "parse_spec", "run_specs", "save_grid", "write_results"]
+
+_SPEC = re.compile(r"^(?:(?P<solver>[a-z]+):)?(?P<policy>[a-z_]+)-(?P<budget>\d+)(?:@(?P<samples>\d+))?$")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One sampling configuration."""
+
+    label: str
+    solver: str
+    policy: str
+    budget: int
+    num_samples: int | None = None
+
+
+def parse_spec(text: str) -> RunSpec:
+    """Parse ``[solver:]policy-budget[@num_samples]`` (module docstring)."""
+    m = _SPEC.match(text.strip())
+    if m is None:
+        raise ValueError(f"policy spec {text!r} must look like [solver:]policy-budget[@num_samples], e.g. ddim-25, "
+                         f"stepdrop-25, ddpm-1000@4")
+    solver, policy = m["solver"], m["policy"]
+    if solver is None and policy in SOLVERS:
+        solver, policy = policy, "uniform"
+    solver = solver or "ddim"
+    if solver not in SOLVERS:
+        raise ValueError(f"solver in {text!r} must be one of {SOLVERS}, got {solver!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy in {text!r} must be one of {tuple(POLICIES)} (or ddim/ddpm), got {policy!r}")
+    samples = None if m["samples"] is None else check_int("num_samples", int(m["samples"]), low=1)
+    return RunSpec(text.strip(), solver, policy, int(m["budget"]), samples)
+
+
+def run_specs(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    specs: Sequence[RunSpec],
+    *,
+    num_samples: int,
+    seed: int,
+    backend: str = "auto",
+    progress: bool = True,
+) -> list[tuple[RunSpec, Tensor, dict[str, Any]]]:
+    """Run each spec on the same initial noise; returns (spec, images, stats dict) per spec.
+
+    Timing covers the sampling loop only (no I/O); a one-call warm-up runs first.
+    """
+    device = next(model.parameters()).device
+    largest = max([num_samples] + [s.num_samples or 0 for s in specs])
+    shape = tuple(model.sample_shape)
+    noise = torch.randn((largest, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    FusedSampler(model, schedule, backend=backend).sample(noise[:1], "uniform", budget=1)  # warm-up
+    results = []
+    for spec in specs:
+        n = spec.num_samples or num_samples
+        sampler = FusedSampler(model, schedule, solver=spec.solver, backend=backend)
+        generator = torch.Generator().manual_seed(seed)
+        policy = get_policy(spec.policy)
+        images, stats = sampler.sample(noise[:n], policy, budget=spec.budget, generator=generator, progress=progress)
+        row = stats.to_dict()
+        row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, nfe=stats.nfe.tolist(),
+                   timesteps_row0=[int(v) for v in stats.timesteps[0] if v >= 0])
+        results.append((spec, images, row))
+    return results
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, *, nrow: int | None = None, padding: int = 2) -> Path:
+    """Write images in [−1, 1] ([B, C, H, W], C ∈ {1, 3}) as one PNG grid (atomic write)."""
+    from PIL import Image
+
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    B, C, H, W = x.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(B)))
+    rows = math.ceil(B / nrow)
+    grid = torch.full((C, rows * (H + padding) + padding, nrow * (W + padding) + padding), 255, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (H + padding), padding + c * (W + padding)
+        grid[:, top : top + H, left : left + W] = x[i]
+    array = grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).numpy()
+    return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+RESULT_COLUMNS = ("label", "solver", "policy", "budget", "num_samples", "mean_nfe", "min_nfe", "max_nfe",
+                  "model_calls", "overhead_calls", "wall_time_s", "images_per_second", "backend", "seed")
+
+
+def write_results(rows: list[dict[str, Any]], out: str | os.PathLike, meta: dict[str, Any]) -> tuple[Path, Path]:
+    """``results.json`` (everything, incl. timesteps) and ``results.csv`` (the table), atomically."""
+    out = Path(out)
+    json_path = atomic_write_bytes(out / "results.json",
+                                    json.dumps({"meta": meta, "runs": rows}, indent=2).encode())
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
+    return json_path, csv_path
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the counted costs."""
+    head = f"{'run':<18} {'solver':<6} {'NFE mean':>9} {'min':>5} {'max':>5} {'calls':>6} {'time s':>8} {'img/s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['label']:<18} {r['solver']:<6} {r['mean_nfe']:>9.2f} {r['min_nfe']:>5} {r['max_nfe']:>5} "
+                     f"{r['model_calls']:>6} {r['wall_time_s']:>8.2f} {r['images_per_second']:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""Train a noise-prediction model: the DDPM objective (Ho et al. 2020, Algorithm 1).
+
+loss = ‖ε − ε_θ(√ᾱ_t·x0 + √(1−ᾱ_t)·ε, t)‖², t ~ U{0..T−1}, ε ~ N(0, I), AdamW
+(Loshchilov & Hutter 2019), linear warm-up then cosine decay (or constant), EMA of the
+weights, gradient-norm clipping, bf16 autocast on a GPU.
+
+Every random draw (data order, flips, t, ε, dropout) comes from generators whose states are
+saved in the checkpoint, so ``resume=True`` continues the run bit for bit on the CPU.
+Checkpoints are written atomically every ``checkpoint_every`` steps, at the end, and on
+Ctrl-C before exiting.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepdrop._io import ensure_writable_folder
+from stepdrop._validation import check_choice, check_float, check_int
+from stepdrop.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, read_file
+from stepdrop.data import DATASETS, ImageData, load_images
+from stepdrop.models import TinyUNet
+from stepdrop.schedule import NoiseSchedule
+
+__all__ = ["TrainConfig", "train", "lr_at"]
+
+SCHEDULES = ("linear", "cosine")
+LR_SCHEDULES = ("cosine", "constant")
+# Settings that may change between a run and its resumption: they do not alter the math.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "out", "data_root", "device")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    channels: int = 1
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    steps: int = 20_000
+    batch_size: int = 64
+    lr: float = 2e-4
+    lr_schedule: str = "cosine"
+    warmup: int = 500
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    out: str = "runs/fashion-mnist"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "num_timesteps"):
+            check_int(name, getattr(self, name), low=1 if name != "num_timesteps" else 2)
+        check_int("warmup", self.warmup, low=0)
+        check_int("seed", self.seed, low=0)
+        check_float("lr", self.lr, low=0.0, low_open=True)
+        check_float("weight_decay", self.weight_decay, low=0.0)
+        check_float("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        check_float("grad_clip", self.grad_clip, low=0.0)
+        check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+
+    def model_config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.channels,
+            "image_size": 32,
+            "base_channels": self.base_channels,
+            "channel_mults": list(self.channel_mults),
+            "num_res_blocks": self.num_res_blocks,
+            "attention_resolutions": list(self.attention_resolutions),
+            "dropout": self.dropout,
+        }
+
+    def noise_schedule(self) -> NoiseSchedule:
+        return getattr(NoiseSchedule, self.schedule)(self.num_timesteps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return d
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine or constant."""
+    if config.warmup and step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(config.steps - config.warmup, 1)
+    progress = min((step - config.warmup) / span, 1.0)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Run:
+    """The mutable state of one training run, (de)serialised as a checkpoint."""
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.schedule = config.noise_schedule()
+        torch.manual_seed(config.seed)  # initial weights; dropout later draws from this RNG too
+        self.model = TinyUNet(**config.model_config(), zero_init_output=True).to(device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.data_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.noise_gen = torch.Generator().manual_seed(config.seed + 2)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self.order: torch.Tensor | None = None
+        self.wall_time_s = 0.0
+        self.losses: list[float] = []
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": FORMAT_VERSION,
+            "model_config": self.model.config,
+            "schedule": self.schedule.to_config(),
+            "train_config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "data": {"epoch": self.epoch, "position": self.position, "order": self.order},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "data": self.data_gen.get_state(),
+                "noise": self.noise_gen.get_state(),
+            },
+            "wall_time_s": self.wall_time_s,
+            "losses": list(self.losses),
+            "meta": {"dataset": self.config.dataset, "step": self.step, "train_wall_time_s": self.wall_time_s,
+                     "parameters": sum(p.numel() for p in self.model.parameters())},
+        }
+
+    def load(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.ema.load_state_dict(payload["ema"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = int(payload["step"])
+        data = payload["data"]
+        self.epoch, self.position, self.order = int(data["epoch"]), int(data["position"]), data["order"]
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.data_gen.set_state(rng["data"])
+        self.noise_gen.set_state(rng["noise"])
+        self.wall_time_s = float(payload["wall_time_s"])
+        self.losses = list(payload["losses"])
+
+    def next_indices(self, n_items: int) -> torch.Tensor:
+        """The next batch of example indices: a fresh permutation per epoch, no partial batches."""
+        B = self.config.batch_size
+        if self.order is None or self.position + B > n_items:
+            self.order = torch.randperm(n_items, generator=self.data_gen)
+            self.position = 0
+            self.epoch += 1
+        idx = self.order[self.position : self.position + B]
+        self.position += B
+        return idx
+
+
+def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None = None, progress: bool = True) -> Path:
+    """Train (or resume) a run; returns the path of its final checkpoint ``<out>/checkpoint.pt``.
+
+    Args:
+        config: the run's settings.
+        resume: continue from ``<out>/checkpoint.pt``; its stored config must match ``config``
+            except for :data:`RESUMABLE_CHANGES` (e.g. a larger ``steps``).
+        data: images to train on (default: ``load_images(config.dataset, "train", ...)``).
+        progress: show a tqdm bar with the loss and it/s.
+    """
+    out = Path(config.out)
+    ckpt_path = out / "checkpoint.pt"
+    ensure_writable_folder(out)
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    device = _pick_device(config.device)
+    data = data if data is not None else load_images(config.dataset, "train", root=config.data_root,
+                                                     channels=config.channels)
+    if data.num_channels != config.channels:
+        raise ValueError(f"channels={config.channels} but the data has {data.num_channels} channel(s)")
+    if len(data) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(data)} training images")
+
+    run = _Run(config, device)
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        payload = read_file(ckpt_path, map_location=device)
+        _check_same_config(payload.get("train_config", {}), config, ckpt_path)
+        run.load(payload)
+
+    table = run.schedule.table(device, torch.float32)
+    T = run.schedule.num_timesteps
+    log_path = out / "log.jsonl"
+    bar = _progress(run.step, config.steps, progress)
+    interrupted = False
+    start = time.perf_counter()
+    try:
+        while run.step < config.steps:
+            idx = run.next_indices(len(data))
+            x0 = data.batch(idx, generator=run.data_gen).to(device)
+            t = torch.randint(0, T, (x0.shape[0],), generator=run.noise_gen).to(device)
+            eps = torch.randn(x0.shape, generator=run.noise_gen).to(device)
+            a = table[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr_at(run.step, config)
+            run.model.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = run.model(x_t, t)
+            loss = F.mse_loss(pred.float(), eps)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+            run.optimizer.step()
+            _ema_update(run.ema, run.model, config.ema_decay)
+            run.step += 1
+            loss_value = float(loss)
+            run.losses.append(loss_value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(run.step - 1, config):.2e}")
+            if run.step % config.log_every == 0:
+                recent = run.losses[-config.log_every:]
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": run.step, "loss": sum(recent) / len(recent),
+                                        "lr": lr_at(run.step - 1, config)}) + "\n")
+            if run.step % config.checkpoint_every == 0 and run.step < config.steps:
+                run.wall_time_s += time.perf_counter() - start
+                start = time.perf_counter()
+                atomic_save(run.state(), ckpt_path)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+    run.wall_time_s += time.perf_counter() - start
+    atomic_save(run.state(), ckpt_path)
+    if interrupted:
+        print(f"interrupted at step {run.step}: saved {ckpt_path} (continue with --resume)")
+        raise KeyboardInterrupt
+    return ckpt_path
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _check_same_config(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    current = config.to_dict()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}"
+             for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if diffs:
+        raise ValueError(f"cannot resume {path} with a different config ({'; '.join(diffs)}); "
+                         f"only {RESUMABLE_CHANGES} may change")
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _progress(done: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)

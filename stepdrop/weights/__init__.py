@@ -1,0 +1,1 @@
+"""Model files shipped with stepdrop (see stepdrop.checkpoint.load_pretrained)."""
