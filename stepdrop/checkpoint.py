@@ -98,9 +98,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         model = TinyUNet.from_config(payload["model_config"])
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in payload["ema"].items()}
         model.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the stored model config: {exc}") from exc
-    schedule = NoiseSchedule.from_config(payload["schedule"])
+    try:
+        schedule = NoiseSchedule.from_config(payload["schedule"])
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: the stored noise schedule is malformed: {exc}") from exc
     model = model.to(device=map_location, dtype=dtype).eval()
     meta = dict(payload.get("meta", {}))
     if payload["format"] == CHECKPOINT_FORMAT:

@@ -6,8 +6,9 @@ weights, gradient-norm clipping, bf16 autocast on a GPU.
 
 Every random draw (data order, flips, t, ε, dropout) comes from generators whose states are
 saved in the checkpoint, so ``resume=True`` continues the run bit for bit on the CPU.
-Checkpoints are written atomically every ``checkpoint_every`` steps, at the end, and on
-Ctrl-C before exiting.
+Checkpoints are written atomically every ``checkpoint_every`` steps and at the end. Ctrl-C
+(SIGINT) is deferred to the end of the step in progress, then the run is saved and
+``KeyboardInterrupt`` raised: a checkpoint never holds a half-applied step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +38,8 @@ __all__ = ["TrainConfig", "train", "lr_at"]
 
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("cosine", "constant")
-# Settings that may change between a run and its resumption: they do not alter the math.
+# Settings that may change between a run and its resumption: bookkeeping, and `steps`, which
+# extends the run (under the cosine LR schedule it also stretches the remaining decay).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "out", "data_root", "device")
 
 
@@ -222,54 +226,83 @@ def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None =
     T = run.schedule.num_timesteps
     log_path = out / "log.jsonl"
     bar = _progress(run.step, config.steps, progress)
-    interrupted = False
     start = time.perf_counter()
-    try:
-        while run.step < config.steps:
-            idx = run.next_indices(len(data))
-            x0 = data.batch(idx, generator=run.data_gen).to(device)
-            t = torch.randint(0, T, (x0.shape[0],), generator=run.noise_gen).to(device)
-            eps = torch.randn(x0.shape, generator=run.noise_gen).to(device)
-            a = table[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr_at(run.step, config)
-            run.model.train()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pred = run.model(x_t, t)
-            loss = F.mse_loss(pred.float(), eps)
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
-            run.optimizer.step()
-            _ema_update(run.ema, run.model, config.ema_decay)
-            run.step += 1
-            loss_value = float(loss)
-            run.losses.append(loss_value)
+    with _DeferredInterrupt() as interrupt:
+        try:
+            while run.step < config.steps and not interrupt.requested:
+                loss_value = _train_step(run, data, table, T)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(run.step - 1, config):.2e}")
+                if run.step % config.log_every == 0:
+                    recent = run.losses[-config.log_every:]
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": run.step, "loss": sum(recent) / len(recent),
+                                            "lr": lr_at(run.step - 1, config)}) + "\n")
+                if run.step % config.checkpoint_every == 0 and run.step < config.steps:
+                    run.wall_time_s += time.perf_counter() - start
+                    start = time.perf_counter()
+                    atomic_save(run.state(), ckpt_path)
+        except KeyboardInterrupt:
+            # raised inside a step (not through the SIGINT handler): the in-memory state may be
+            # half-updated, so keep the last checkpoint on disk untouched
+            print(f"interrupted inside step {run.step + 1}: kept the last checkpoint ({ckpt_path})")
+            raise
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(run.step - 1, config):.2e}")
-            if run.step % config.log_every == 0:
-                recent = run.losses[-config.log_every:]
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": run.step, "loss": sum(recent) / len(recent),
-                                        "lr": lr_at(run.step - 1, config)}) + "\n")
-            if run.step % config.checkpoint_every == 0 and run.step < config.steps:
-                run.wall_time_s += time.perf_counter() - start
-                start = time.perf_counter()
-                atomic_save(run.state(), ckpt_path)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     run.wall_time_s += time.perf_counter() - start
     atomic_save(run.state(), ckpt_path)
-    if interrupted:
+    if interrupt.requested:
         print(f"interrupted at step {run.step}: saved {ckpt_path} (continue with --resume)")
         raise KeyboardInterrupt
     return ckpt_path
+
+
+def _train_step(run: _Run, data: ImageData, table: torch.Tensor, T: int) -> float:
+    """One optimizer step of the DDPM objective; returns the loss."""
+    config, device = run.config, run.device
+    idx = run.next_indices(len(data))
+    x0 = data.batch(idx, generator=run.data_gen).to(device)
+    t = torch.randint(0, T, (x0.shape[0],), generator=run.noise_gen).to(device)
+    eps = torch.randn(x0.shape, generator=run.noise_gen).to(device)
+    a = table[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.step, config)
+    run.model.train()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        pred = run.model(x_t, t)
+    loss = F.mse_loss(pred.float(), eps)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.optimizer.step()
+    _ema_update(run.ema, run.model, config.ema_decay)
+    run.step += 1
+    loss_value = float(loss.detach())
+    run.losses.append(loss_value)
+    return loss_value
+
+
+class _DeferredInterrupt:
+    """Turn SIGINT into a flag the loop checks between steps (main thread only; elsewhere
+    signals cannot be handled and KeyboardInterrupt behaves as usual)."""
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @torch.no_grad()
