@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from stepdrop._validation import check_bool, check_choice, check_float, check_int, check_tensor, model_device_dtype
-from stepdrop.ops import BACKENDS, FLOAT_DTYPES, SOLVERS, resolve_backend, validate_step_inputs
-from stepdrop.ops import _native
-from stepdrop.ops.reference import CLEAN, fused_step_reference
+from stepdrop.ops import BACKENDS, FLOAT_DTYPES, SOLVERS, _dispatch, resolve_backend, validate_step_inputs
+from stepdrop.ops.reference import CLEAN
 from stepdrop.plan import StepPlan
 from stepdrop.policies import OnlinePolicy, StepPolicy, get_policy
 from stepdrop.schedule import NoiseSchedule
@@ -238,10 +237,7 @@ class FusedSampler:
         kwargs = dict(noise=noise, active=active, solver=self.solver, eta=self.eta, clip=self.clip)
         if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
             validate_step_inputs(x, eps, table, t, s, **kwargs)
-        if backend == "torch":
-            x = fused_step_reference(x, eps, table, t, s, **kwargs)
-        else:
-            x = _native.fused_step(x, eps, table, t, s, return_x0=False, **kwargs)
+        x = _dispatch(backend, x, eps, table, t, s, return_x0=False, **kwargs)
         if callback is not None:
             callback(k, t, x)
         return x

@@ -18,63 +18,12 @@ except ImportError as exc:  # built without the extension: nothing to test here
 
 from stepdrop.ops import fused_step
 from stepdrop.ops.reference import CLEAN, fused_step_reference
+from backend_cases import T, as_f64, assert_matches_reference, make_case, table
 
-T = 1000
 SOLVERS = [("ddim", 0.0), ("ddim", 0.3), ("ddim", 1.0), ("ddpm", 0.0)]
 BATCHES = [0, 1, 3, 257]
 SHAPES = [(3, 7, 5), (1, 1, 1), (3, 32, 32)]
 DTYPES = [torch.float32, torch.float64]
-
-
-def _table(device="cpu") -> torch.Tensor:
-    """ᾱ of the linear β schedule of Ho et al. (1e-4 … 0.02, T = 1000), float64."""
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0).to(device)
-
-
-def _case(batch, shape, dtype, *, solver, eta, masked, seed=0, device="cpu"):
-    """Inputs of one step: random t, s < t with some s = CLEAN and some s = t − 1; when
-    ``masked``, every third sample inactive with t = CLEAN and an out-of-range s (kernels clamp)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64).to(dtype)
-    eps = torch.randn(batch, *shape, generator=g, dtype=torch.float64).to(dtype)
-    noise = torch.randn(batch, *shape, generator=g, dtype=torch.float64).to(dtype)
-    t = torch.randint(1, T, (batch,), generator=g)
-    s = torch.minimum(t - 1, (t - torch.randint(1, 200, (batch,), generator=g)).clamp(min=CLEAN))
-    s[::4] = CLEAN
-    s[1::5] = t[1::5] - 1
-    active = None
-    if masked:
-        active = torch.ones(batch, dtype=torch.bool)
-        active[1::3] = False
-        t[~active] = CLEAN
-        s[~active] = 10**6
-    needs_noise = solver == "ddpm" or eta > 0
-    case = dict(x=x, eps=eps, alphas_cumprod=_table(), t=t, s=s, noise=noise if needs_noise else None, active=active)
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-
-
-def _f64(case):
-    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
-
-
-def _assert_matches_reference(out, case, **kw):
-    """``out`` = (x_next, x̂0) of a backend against the reference, with the tolerance of the module docstring."""
-    dtype = case["x"].dtype
-    ref = fused_step_reference(**case, **kw, return_x0=True)
-    exact = fused_step_reference(**_f64(case), **kw, return_x0=True)
-    for name, got, low, high in zip(("x_next", "x0"), out, ref, exact):
-        assert got.dtype == dtype and got.shape == low.shape and got.device == low.device, name
-        if dtype == torch.float64:
-            torch.testing.assert_close(got, low, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
-        elif high.numel():
-            ref_err = (low.double() - high).abs().max().item()
-            got_err = (got.double() - high).abs().max().item()
-            slack = torch.finfo(torch.float32).eps * high.abs().max().item()
-            assert got_err <= 2 * ref_err + slack, f"{name}: float32 error {got_err:.3g} > 2 × reference's {ref_err:.3g}"
-        if case["active"] is not None:  # inactive samples are copied through bit for bit
-            keep = ~case["active"]
-            assert torch.equal(got[keep], case["x"][keep]), name
 
 
 # --------------------------------------------------------------------------------------- CPU
@@ -87,16 +36,16 @@ def _assert_matches_reference(out, case, **kw):
 @pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_matches_reference(solver, eta, dtype, batch, shape, clip, masked):
-    case = _case(batch, shape, dtype, solver=solver, eta=eta, masked=masked)
+    case = make_case(batch, shape, dtype, solver=solver, eta=eta, masked=masked)
     out = fused_step(**case, solver=solver, eta=eta, clip=clip, return_x0=True, backend="cpu")
-    _assert_matches_reference(out, case, solver=solver, eta=eta, clip=clip)
+    assert_matches_reference(out, case, solver=solver, eta=eta, clip=clip)
 
 
 @pytest.mark.parametrize("solver,eta", SOLVERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_non_contiguous_inputs(solver, eta, dtype):
     batch, shape = 9, (3, 7, 5)
-    case = _case(batch, shape, dtype, solver=solver, eta=eta, masked=True, seed=1)
+    case = make_case(batch, shape, dtype, solver=solver, eta=eta, masked=True, seed=1)
     strided = dict(case)
     strided["x"] = case["x"].transpose(2, 3).contiguous().transpose(2, 3)  # same values, transposed strides
     strided["eps"] = torch.stack([case["eps"], torch.full_like(case["eps"], float("nan"))], -1)[..., 0]
@@ -107,11 +56,11 @@ def test_cpu_non_contiguous_inputs(solver, eta, dtype):
     strided["active"] = torch.stack([case["active"], ~case["active"]], 1)[:, 0]
     assert not any(v.is_contiguous() for k, v in strided.items() if k != "alphas_cumprod" and v is not None)
     out = fused_step(**strided, solver=solver, eta=eta, clip=1.5, return_x0=True, backend="cpu")
-    _assert_matches_reference(out, case, solver=solver, eta=eta, clip=1.5)
+    assert_matches_reference(out, case, solver=solver, eta=eta, clip=1.5)
 
 
 def test_cpu_return_x0_false_and_inputs_untouched():
-    case = _case(5, (3, 7, 5), torch.float32, solver="ddpm", eta=0.0, masked=True)
+    case = make_case(5, (3, 7, 5), torch.float32, solver="ddpm", eta=0.0, masked=True)
     before = {k: v.clone() for k, v in case.items() if isinstance(v, torch.Tensor)}
     x_next = fused_step(**case, solver="ddpm", backend="cpu")
     assert isinstance(x_next, torch.Tensor) and x_next.data_ptr() != case["x"].data_ptr()
@@ -124,26 +73,26 @@ def test_cpu_return_x0_false_and_inputs_untouched():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_one_large_sample_parallel_over_elements(dtype):
     # One sample of 66 048 elements: several chunks of one sample, an odd tail.
-    case = _case(1, (4, 128, 129), dtype, solver="ddim", eta=0.7, masked=False, seed=2)
+    case = make_case(1, (4, 128, 129), dtype, solver="ddim", eta=0.7, masked=False, seed=2)
     out = fused_step(**case, solver="ddim", eta=0.7, clip=2.0, return_x0=True, backend="cpu")
-    _assert_matches_reference(out, case, solver="ddim", eta=0.7, clip=2.0)
+    assert_matches_reference(out, case, solver="ddim", eta=0.7, clip=2.0)
 
 
 def test_cpu_one_dimensional_samples():
-    case = _case(33, (), torch.float64, solver="ddpm", eta=0.0, masked=True)
+    case = make_case(33, (), torch.float64, solver="ddpm", eta=0.0, masked=True)
     out = fused_step(**case, solver="ddpm", return_x0=True, backend="cpu")
-    _assert_matches_reference(out, case, solver="ddpm", eta=0.0, clip=None)
+    assert_matches_reference(out, case, solver="ddpm", eta=0.0, clip=None)
 
 
 def test_binding_clamps_out_of_range_indices():
     """Past the Python validation, bad indices of active samples are clamped like the reference's gather."""
     x, eps, noise = torch.randn(3, 3, 4, 4, dtype=torch.float64).unbind(0)
-    table = _table()
+    alphas = table()
     t = torch.tensor([10**9, -5, 999])
     s = torch.tensor([10**9 - 1, CLEAN, 10**12])
     x0 = torch.empty_like(x)
-    got = _C.fused_step(x, eps, table, t, s, noise, None, 1, 0.0, 0.0, x0)
-    want, want_x0 = fused_step_reference(x, eps, table, t, s, noise=noise, solver="ddpm", return_x0=True)
+    got = _C.fused_step(x, eps, alphas, t, s, noise, None, 1, 0.0, 0.0, x0)
+    want, want_x0 = fused_step_reference(x, eps, alphas, t, s, noise=noise, solver="ddpm", return_x0=True)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
     torch.testing.assert_close(x0, want_x0, rtol=1e-12, atol=1e-12)
 
@@ -151,7 +100,7 @@ def test_binding_clamps_out_of_range_indices():
 def _binding_args(**change):
     x = torch.randn(4, 2, 3)
     args = dict(
-        x=x, eps=torch.randn_like(x), alphas_cumprod=_table(), t=torch.full((4,), 500), s=torch.full((4,), 400),
+        x=x, eps=torch.randn_like(x), alphas_cumprod=table(), t=torch.full((4,), 500), s=torch.full((4,), 400),
         noise=None, active=None, solver=0, eta=0.0, clip=0.0, x0_out=None,
     )  # fmt: skip
     args.update(change)
@@ -165,7 +114,7 @@ def _binding_args(**change):
         (dict(x=torch.randn(4, 2, 3).half(), eps=torch.randn(4, 2, 3).half()), "x must be float32 or float64"),
         (dict(eps=torch.randn(4, 3, 2)), "eps must have the shape of x"),
         (dict(x=torch.randn(4, 3, 2).transpose(1, 2)), "x must be contiguous"),
-        (dict(alphas_cumprod=_table().float()), "alphas_cumprod must be float64"),
+        (dict(alphas_cumprod=table().float()), "alphas_cumprod must be float64"),
         (dict(alphas_cumprod=torch.empty(0, dtype=torch.float64)), "alphas_cumprod must be a non-empty"),
         (dict(t=torch.full((4,), 500, dtype=torch.int32)), "t must be Long"),
         (dict(s=torch.full((3,), 400)), r"s must have shape \[4\]"),
@@ -212,16 +161,16 @@ def _need_cuda():
 @pytest.mark.parametrize("clip,masked", [(None, False), (1.0, True)])
 def test_cuda_matches_reference(solver, eta, dtype, batch, shape, clip, masked):
     _need_cuda()
-    case = _case(batch, shape, dtype, solver=solver, eta=eta, masked=masked, device="cuda")
+    case = make_case(batch, shape, dtype, solver=solver, eta=eta, masked=masked, device="cuda")
     out = fused_step(**case, solver=solver, eta=eta, clip=clip, return_x0=True, backend="cuda")
-    _assert_matches_reference(out, case, solver=solver, eta=eta, clip=clip)
+    assert_matches_reference(out, case, solver=solver, eta=eta, clip=clip)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_non_contiguous_and_return_x0_false(dtype):
     _need_cuda()
-    case = _case(7, (3, 7, 5), dtype, solver="ddpm", eta=0.0, masked=True, device="cuda")
+    case = make_case(7, (3, 7, 5), dtype, solver="ddpm", eta=0.0, masked=True, device="cuda")
     strided = dict(case, x=case["x"].transpose(2, 3).contiguous().transpose(2, 3))
     strided["eps"] = torch.stack([case["eps"], case["eps"]], -1)[..., 1]
     x_next = fused_step(**strided, solver="ddpm", backend="cuda")
@@ -233,15 +182,15 @@ def test_cuda_non_contiguous_and_return_x0_false(dtype):
 @pytest.mark.cuda
 def test_cuda_batch_beyond_grid_y_limit():
     _need_cuda()
-    case = _case(70_000, (1,), torch.float64, solver="ddim", eta=0.5, masked=True, device="cuda")
+    case = make_case(70_000, (1,), torch.float64, solver="ddim", eta=0.5, masked=True, device="cuda")
     out = fused_step(**case, solver="ddim", eta=0.5, return_x0=True, backend="cuda")
-    _assert_matches_reference(out, case, solver="ddim", eta=0.5, clip=None)
+    assert_matches_reference(out, case, solver="ddim", eta=0.5, clip=None)
 
 
 @pytest.mark.cuda
 def test_cuda_side_stream_and_graph_replay():
     _need_cuda()
-    case = _case(5, (3, 8, 8), torch.float32, solver="ddpm", eta=0.0, masked=True, device="cuda")
+    case = make_case(5, (3, 8, 8), torch.float32, solver="ddpm", eta=0.0, masked=True, device="cuda")
     args = [case[k] for k in ("x", "eps", "alphas_cumprod", "t", "s", "noise", "active")]
     x0 = torch.empty_like(case["x"])
     stream = torch.cuda.Stream()

@@ -6,7 +6,9 @@ backends receive checked tensors and never read out of bounds. The torch referen
 
 Backends: "torch" (reference, any device), "cpu" (the C++ extension ``stepdrop._C``, CPU
 tensors), "cuda" (the CUDA kernels of that extension, CUDA tensors, where it was built with
-them). "auto" picks the fastest one available for the tensor's device.
+them), "triton" (:mod:`stepdrop.ops.triton_step`: CUDA tensors where triton is installed; CPU
+tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``, for tests). "auto" picks the
+fastest one available for the tensor's device (never the interpreter).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import torch
 from torch import Tensor
 
 from stepdrop._validation import check_choice, check_float, check_same_device, check_tensor
-from stepdrop.ops import _native
+from stepdrop.ops import _native, triton_step
 from stepdrop.ops.reference import CLEAN, SOLVERS, fused_step_reference, predict_x0, step_coefficients
 
-BACKENDS = ("auto", "torch", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 __all__ = [
@@ -35,14 +37,19 @@ __all__ = [
 
 
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
-    """Backends that can run on ``device`` in this installation, fastest first."""
+    """Backends that can run on ``device`` in this installation, fastest first. On the CPU
+    "triton" is listed (last) only under Triton's interpreter, which is slow and for tests."""
     device = torch.device(device)
     names = []
     if device.type == "cpu" and _native.has_cpu():
         names.append("cpu")
     if device.type == "cuda" and _native.has_cuda():
         names.append("cuda")
+    if device.type == "cuda" and triton_step.triton_available(device):
+        names.append("triton")
     names.append("torch")
+    if device.type == "cpu" and triton_step.triton_available(device):
+        names.append("triton")
     return tuple(names)
 
 
@@ -56,6 +63,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         why = {
             "cpu": "needs CPU tensors and the compiled extension stepdrop._C",
             "cuda": "needs CUDA tensors and stepdrop._C built with CUDA (nvcc + a CUDA build of torch)",
+            "triton": "needs CUDA tensors and triton installed, or CPU tensors with TRITON_INTERPRET=1 "
+            "set before triton is imported (the interpreter, for tests)",
         }.get(backend, "")
         raise ValueError(f"backend={backend!r} cannot run on {torch.device(device)} ({why}); available here: {usable}")
     return backend
@@ -78,15 +87,24 @@ def fused_step(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """One transition t → s per sample; see :func:`stepdrop.ops.reference.fused_step_reference`.
 
-    Non-contiguous inputs are accepted (the native backends copy them to contiguous memory).
+    Non-contiguous inputs are accepted (the compiled backends copy them to contiguous memory).
     Raises ``TypeError``/``ValueError`` naming the argument on any malformed input.
     """
     validate_step_inputs(x, eps, alphas_cumprod, t, s, noise=noise, active=active, solver=solver, eta=eta, clip=clip)
     kwargs = dict(noise=noise, active=active, solver=solver, eta=eta, clip=clip, return_x0=return_x0)
-    name = resolve_backend(backend, x.device)
-    if name == "torch":
-        return fused_step_reference(x, eps, alphas_cumprod, t, s, **kwargs)
-    return _native.fused_step(x, eps, alphas_cumprod, t, s, **kwargs)
+    return _dispatch(resolve_backend(backend, x.device), x, eps, alphas_cumprod, t, s, **kwargs)
+
+
+def _dispatch(name: str, x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, s: Tensor, **kwargs):
+    """Run the fused step on the concrete backend ``name`` (from :func:`resolve_backend`) with
+    validated inputs; the one dispatch table, shared with :class:`stepdrop.FusedSampler`."""
+    impl = {
+        "torch": fused_step_reference,
+        "cpu": _native.fused_step,
+        "cuda": _native.fused_step,
+        "triton": triton_step.fused_step_triton,
+    }[name]
+    return impl(x, eps, alphas_cumprod, t, s, **kwargs)
 
 
 def validate_step_inputs(
