@@ -246,6 +246,12 @@ class FusedSampler:
     def _initial_noise(self, noise_or_batch, generator, sample_shape, device) -> Tensor:
         if isinstance(noise_or_batch, Tensor):
             check_tensor("noise_or_batch", noise_or_batch, dtypes=FLOAT_DTYPES, min_ndim=2)
+            param = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
+            if param is not None and (param.device != noise_or_batch.device or param.dtype != noise_or_batch.dtype):
+                raise ValueError(
+                    f"noise_or_batch is {noise_or_batch.dtype} on {noise_or_batch.device} but the model's parameters "
+                    f"are {param.dtype} on {param.device}; move one to match"
+                )
             return noise_or_batch
         B = check_int("noise_or_batch", noise_or_batch, low=1)
         shape = sample_shape if sample_shape is not None else getattr(self.model, "sample_shape", None)

@@ -445,3 +445,13 @@ def test_bad_schedule_and_plan():
         sampler().sample(3, StepPlan(torch.tensor([[999, -1], [500, -1]]), 1000))
     with pytest.raises(ValueError, match="timesteps"):
         sampler().sample(2, [999, 1000])
+
+
+def test_noise_on_another_dtype_than_the_model_is_rejected():
+    from stepdrop import TinyUNet
+
+    model = TinyUNet(in_channels=1, base_channels=8, channel_mults=(1,), num_res_blocks=1,
+                     attention_resolutions=(), image_size=8)
+    sampler = FusedSampler(model, NoiseSchedule.linear(20))
+    with pytest.raises(ValueError, match="noise_or_batch is torch.float64"):
+        sampler.sample(torch.randn(2, 1, 8, 8, dtype=torch.float64), "uniform", budget=2)
