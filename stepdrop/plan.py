@@ -120,6 +120,9 @@ def validate_plan_tensor(timesteps: Tensor, num_train_timesteps: int) -> None:
     if (rows < CLEAN).any() or (rows > T - 1).any():
         raise ValueError(f"timesteps must be inside [0, {T - 1}] (and {CLEAN} for the clean end), got range "
                          f"[{int(rows.min())}, {int(rows.max())}]")
+    if timesteps.ndim == 1 and (rows[0, :-1] < 0).any():
+        raise ValueError(f"timesteps: a shared plan holds model-call timesteps then one {CLEAN}; padding with "
+                         f"{CLEAN} is only for per-sample [B, L] plans, got {rows[0].tolist()}")
     if (rows[:, 0] < 0).any():
         raise ValueError("timesteps: every row must start with a model-call timestep >= 0")
     if (rows[:, -1] != CLEAN).any():

@@ -399,8 +399,8 @@ class StochasticStepDrop(StepPolicy):
         self.boundary = check_float("boundary", boundary, low=0.0, high=0.5)
         self.per_sample = check_bool("per_sample", per_sample)
 
-    def _base(self, schedule: NoiseSchedule, budget: int) -> tuple[Tensor, Tensor]:
-        """(base grid [N], the profile f(u) on it with 0 at the kept boundary)."""
+    def _base(self, schedule: NoiseSchedule, budget: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(base grid [N], profile f(u) on it (0 at the boundary), boundary mask [N])."""
         T = schedule.num_timesteps
         if self.base_steps is not None:
             sizes = [self.base_steps]
@@ -414,20 +414,24 @@ class StochasticStepDrop(StepPolicy):
                 raise ValueError(f"base_steps={n} must be >= budget={budget} in mode='exact'")
             base = Uniform().plan(schedule, n).timesteps[:-1]
             keep_each_end = max(1, round(self.boundary * n))
-            f = PROFILES[self.profile](base.double() / (T - 1))
-            f[:keep_each_end] = 0
-            f[max(n - keep_each_end, keep_each_end):] = 0
+            boundary = torch.zeros(n, dtype=torch.bool)
+            boundary[:keep_each_end] = True
+            boundary[max(n - keep_each_end, keep_each_end):] = True
+            f = torch.where(boundary, 0.0, PROFILES[self.profile](base.double() / (T - 1)))
             if self.p is not None or self.mode == "exact" or float(f.sum()) >= n - budget:
                 break
-        return base, f
+        return base, f, boundary
 
     def drop_probabilities(self, schedule: NoiseSchedule, budget: int) -> tuple[Tensor, Tensor, float]:
         """(base grid [N], drop probability per base step [N] (0 at the boundary), p used)."""
-        base, f = self._base(schedule, budget)
-        p = self.p
-        if p is None:
-            p = 1.0 if self.mode == "exact" else _solve_drop_scale(f, base.numel(), budget, self)
+        base, f, _ = self._base(schedule, budget)
+        p = self._scale(f, base.numel(), budget)
         return base, p * f, p
+
+    def _scale(self, f: Tensor, n: int, budget: int) -> float:
+        if self.p is not None:
+            return self.p
+        return 1.0 if self.mode == "exact" else _solve_drop_scale(f, n, budget, self)
 
     def _plan(
         self,
@@ -439,9 +443,11 @@ class StochasticStepDrop(StepPolicy):
         **kwargs: Any,
     ) -> StepPlan:
         T = schedule.num_timesteps
-        base, drop, p = self.drop_probabilities(schedule, budget)
+        base, f, boundary = self._base(schedule, budget)
+        p = self._scale(f, base.numel(), budget)
+        drop = p * f
         gens = per_sample_generators(generator, batch_size) if self.per_sample else [_generator(generator)]
-        rows = [self._draw(base, drop, budget, g) for g in gens]
+        rows = [self._draw(base, drop, boundary, budget, g) for g in gens]
         length = max(r.numel() for r in rows)
         ts = torch.full((len(rows), length), CLEAN, dtype=torch.int64)
         for i, r in enumerate(rows):
@@ -452,11 +458,10 @@ class StochasticStepDrop(StepPolicy):
                 "expected_steps": expected}
         return _finish(ts, T, self.name, info=info)
 
-    def _draw(self, base: Tensor, drop: Tensor, budget: int, gen: torch.Generator) -> Tensor:
+    def _draw(self, base: Tensor, drop: Tensor, boundary: Tensor, budget: int, gen: torch.Generator) -> Tensor:
         if self.mode == "bernoulli":
             keep = torch.rand(base.numel(), generator=gen, dtype=torch.float64) >= drop
             return base[keep]
-        boundary = drop == 0
         fixed = boundary.nonzero().flatten()
         if fixed.numel() >= budget:  # budget smaller than the boundary: keep its outermost steps
             fixed = torch.cat([fixed[: (budget + 1) // 2], fixed[fixed.numel() - budget // 2 :]])

@@ -4,8 +4,10 @@ Data flow (DESIGN.md §2): for k = 0..L−2, ε = model(x, t_k) on the whole bat
 per-sample timestep vector, then one ``fused_step`` t_k → t_{k+1}. Samples whose plan has
 ended are masked (their x is passed through), never split off the batch. Model calls are
 counted as they happen, per sample: ``SampleStats.nfe`` is a count, not the plan's label.
-Nothing in the loop waits for the device; a non-finite model output is recorded on the
-device and reported once after the loop, naming the step and the timestep.
+Nothing in the loop waits for the device (given a generator on the sampling device; a CPU
+generator with CUDA tensors reproduces bit for bit but copies each step's noise over); a
+non-finite model output is recorded on the device and reported once after the loop, naming
+the step and the timestep.
 """
 
 from __future__ import annotations
@@ -174,9 +176,14 @@ class FusedSampler:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         check_bool("progress", progress)
-        x = self._initial_noise(noise_or_batch, generator, sample_shape, device)
-        backend = resolve_backend(self.backend, x.device)
-        plan_obj = self._resolve_plan(plan, budget, x, generator)
+        batch, shape, dev = self._geometry(noise_or_batch, sample_shape, device)
+        backend = resolve_backend(self.backend, dev)
+        # the plan is drawn before the noise, so a per-sample plan does not depend on the batch size
+        plan_obj = self._resolve_plan(plan, budget, batch, shape, generator)
+        if isinstance(noise_or_batch, Tensor):
+            x = noise_or_batch.to(self._state_dtype)
+        else:
+            x = self._randn((batch, *shape), generator, dev)
         if isinstance(plan_obj, OnlinePolicy):
             return self._sample_online(x, plan_obj, budget, generator, backend, progress, callback)
         return self._sample_plan(x, plan_obj, generator, backend, progress, callback)
@@ -224,7 +231,7 @@ class FusedSampler:
 
     def _evaluate(self, x, t, active, k, counts) -> Tensor:
         """ε = model(x, t) on the whole batch (masked samples see t clamped to 0), counted."""
-        eps = self.model(x, t if active is None else t.clamp(min=0))
+        eps = self.model(x.to(self._model_dtype), t if active is None else t.clamp(min=0))
         if not isinstance(eps, Tensor) or eps.shape != x.shape:
             got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
             raise ValueError(f"model output must have the shape of x {tuple(x.shape)}, got {got} (step {k})")
@@ -233,7 +240,7 @@ class FusedSampler:
         return eps
 
     def _update(self, x, eps, t, s, active, k, table, generator, backend, callback) -> Tensor:
-        noise = self._noise(x, generator) if self.stochastic else None
+        noise = self._randn(x.shape, generator, x.device) if self.stochastic else None
         kwargs = dict(noise=noise, active=active, solver=self.solver, eta=self.eta, clip=self.clip)
         if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
             validate_step_inputs(x, eps, table, t, s, **kwargs)
@@ -243,31 +250,48 @@ class FusedSampler:
         return x
 
     # ------------------------------------------------------------------ helpers
-    def _initial_noise(self, noise_or_batch, generator, sample_shape, device) -> Tensor:
+    @property
+    def _model_dtype(self) -> torch.dtype:
+        return model_device_dtype(self.model)[1]
+
+    @property
+    def _state_dtype(self) -> torch.dtype:
+        """dtype of x during sampling: float64 for a float64 model, else float32 (a half-precision
+        model is fed x in its own dtype; the update always runs in float32 or wider)."""
+        return torch.float64 if self._model_dtype == torch.float64 else torch.float32
+
+    def _geometry(self, noise_or_batch, sample_shape, device) -> tuple[int, tuple[int, ...], torch.device]:
+        """(batch size, sample shape, device) of the run, checked against the model."""
+        model_device = model_device_dtype(self.model)[0]
         if isinstance(noise_or_batch, Tensor):
-            check_tensor("noise_or_batch", noise_or_batch, dtypes=FLOAT_DTYPES, min_ndim=2)
-            param = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
-            if param is not None and (param.device != noise_or_batch.device or param.dtype != noise_or_batch.dtype):
-                raise ValueError(
-                    f"noise_or_batch is {noise_or_batch.dtype} on {noise_or_batch.device} but the model's parameters "
-                    f"are {param.dtype} on {param.device}; move one to match"
-                )
-            return noise_or_batch
-        B = check_int("noise_or_batch", noise_or_batch, low=1)
+            check_tensor("noise_or_batch", noise_or_batch, dtypes=FLOAT_DTYPES + (torch.float16, torch.bfloat16),
+                         min_ndim=2)
+            if noise_or_batch.shape[0] == 0:
+                raise ValueError("noise_or_batch must hold at least one sample, got batch size 0")
+            if device is not None and torch.device(device) != noise_or_batch.device:
+                raise ValueError(f"device={device} disagrees with noise_or_batch on {noise_or_batch.device}")
+            has_params = next(iter(self.model.parameters()), None) is not None if hasattr(self.model, "parameters") \
+                else False
+            if has_params and model_device != noise_or_batch.device:
+                raise ValueError(f"noise_or_batch is on {noise_or_batch.device} but the model is on {model_device}")
+            return noise_or_batch.shape[0], tuple(noise_or_batch.shape[1:]), noise_or_batch.device
+        batch = check_int("noise_or_batch", noise_or_batch, low=1)
         shape = sample_shape if sample_shape is not None else getattr(self.model, "sample_shape", None)
         if shape is None:
             raise ValueError("sample_shape=(C, H, W) is required: the model has no sample_shape attribute")
+        if isinstance(shape, (int, str, bytes)) or not hasattr(shape, "__iter__"):
+            raise TypeError(f"sample_shape must be a sequence such as (C, H, W), got {type(shape).__name__}")
         shape = tuple(check_int("sample_shape", d, low=1) for d in shape)
-        dev, dtype = model_device_dtype(self.model)
-        dev = torch.device(device) if device is not None else dev
-        gen_dev = generator.device if generator is not None else dev
-        return torch.randn((B, *shape), generator=generator, device=gen_dev, dtype=dtype).to(dev)
+        return batch, shape, torch.device(device) if device is not None else model_device
 
-    def _noise(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        gen_dev = generator.device if generator is not None else x.device
-        return torch.randn(x.shape, generator=generator, device=gen_dev, dtype=x.dtype).to(x.device)
+    def _randn(self, shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """N(0, I) in the state dtype; drawn on the generator's device (a CPU generator with
+        CUDA tensors reproduces bit for bit but copies each draw over)."""
+        gen_dev = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_dev, dtype=self._state_dtype).to(device)
 
-    def _resolve_plan(self, plan: PlanLike, budget, x: Tensor, generator) -> StepPlan | OnlinePolicy:
+    def _resolve_plan(self, plan: PlanLike, budget, batch: int, shape: tuple[int, ...],
+                      generator) -> StepPlan | OnlinePolicy:
         T = self.schedule.num_timesteps
         if isinstance(plan, str):
             plan = get_policy(plan)
@@ -289,8 +313,8 @@ class FusedSampler:
                 return plan
             plan_gen = generator if generator is None or generator.device.type == "cpu" else \
                 torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
-            return plan.plan(self.schedule, budget, batch_size=x.shape[0], generator=plan_gen,
-                             model=self.model, sample_shape=tuple(x.shape[1:]))
+            return plan.plan(self.schedule, budget, batch_size=batch, generator=plan_gen,
+                             model=self.model, sample_shape=shape)
         raise TypeError(
             f"plan must be a StepPlan, a policy, a policy name or a list of timesteps, got {type(plan).__name__}"
         )

@@ -596,3 +596,27 @@ def test_stepplan_accepts_padded_per_sample_rows():
         plan.expand(3)
     shared = StepPlan(torch.tensor([999, 10, -1]), 1000)
     assert shared.expand(3).tolist() == [[999, 10, -1]] * 3
+
+
+def test_shared_plan_rejects_padding():
+    """Padding with -1 is for per-sample rows only: a shared plan padded mid-way would make the
+    sampler call the model past the plan's end."""
+    with pytest.raises(ValueError, match="padding"):
+        StepPlan(torch.tensor([999, 500, -1, -1]), 1000)
+    with pytest.raises(ValueError, match="padding"):
+        StepPlan.from_timesteps([999, 500, -1, -1], 1000)
+
+
+def test_exact_mode_with_zero_drop_probability_draws_the_middle_uniformly():
+    """p = 0 makes every middle step equally likely; only the true boundary is always kept."""
+    schedule = NoiseSchedule.linear(1000)
+    policy = StochasticStepDrop(p=0.0, mode="exact")
+    base, _, _ = policy.drop_probabilities(schedule, 10)
+    kept_middle = torch.zeros(base.numel())
+    for seed in range(200):
+        row = policy.plan(schedule, 10, generator=torch.Generator().manual_seed(seed)).row()
+        kept_middle += torch.isin(base, torch.tensor(row)).double()
+    middle = kept_middle[2:-2]  # boundary: round(0.1 * 20) = 2 steps at each end
+    assert (kept_middle[:2] == 200).all() and (kept_middle[-2:] == 200).all()
+    # 6 of 16 middle steps per draw: each kept ~75 times in 200 draws; none never, none always
+    assert middle.min() > 30 and middle.max() < 130

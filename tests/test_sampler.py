@@ -447,11 +447,44 @@ def test_bad_schedule_and_plan():
         sampler().sample(2, [999, 1000])
 
 
-def test_noise_on_another_dtype_than_the_model_is_rejected():
+def test_half_precision_model_samples_in_a_float32_state():
+    from stepdrop import TinyUNet
+
+    torch.manual_seed(0)
+    model = TinyUNet(in_channels=1, base_channels=8, channel_mults=(1,), num_res_blocks=1,
+                     attention_resolutions=(), image_size=8).to(torch.bfloat16)
+    sampler = FusedSampler(model, NoiseSchedule.linear(20))
+    images, stats = sampler.sample(3, "uniform", budget=4, generator=torch.Generator().manual_seed(0))
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert stats.nfe.tolist() == [4, 4, 4]
+    # bf16 noise is accepted too and gives the same run as its float32 value
+    noise = torch.randn(2, 1, 8, 8).to(torch.bfloat16)
+    a, _ = sampler.sample(noise, "uniform", budget=4)
+    b, _ = sampler.sample(noise.float(), "uniform", budget=4)
+    assert torch.equal(a, b)
+
+
+def test_geometry_errors_name_the_argument():
     from stepdrop import TinyUNet
 
     model = TinyUNet(in_channels=1, base_channels=8, channel_mults=(1,), num_res_blocks=1,
                      attention_resolutions=(), image_size=8)
     sampler = FusedSampler(model, NoiseSchedule.linear(20))
-    with pytest.raises(ValueError, match="noise_or_batch is torch.float64"):
-        sampler.sample(torch.randn(2, 1, 8, 8, dtype=torch.float64), "uniform", budget=2)
+    with pytest.raises(ValueError, match="device=meta disagrees with noise_or_batch"):
+        sampler.sample(torch.randn(2, 1, 8, 8), "uniform", budget=2, device="meta")
+    with pytest.raises(TypeError, match="sample_shape must be a sequence"):
+        FusedSampler(lambda x, t: x, NoiseSchedule.linear(20)).sample(2, "uniform", budget=2, sample_shape=4)
+
+
+def test_per_sample_plan_does_not_depend_on_batch_size_through_the_sampler():
+    """The sampler draws the plan before the noise: row i is the same at any batch size."""
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    sampler = FusedSampler(model, NoiseSchedule.linear(100))
+    policy = StochasticStepDrop(per_sample=True)
+    rows = {}
+    for batch in (2, 5):
+        _, stats = sampler.sample(batch, policy, budget=10, sample_shape=(1, 4, 4),
+                                  generator=torch.Generator().manual_seed(0))
+        rows[batch] = stats.timesteps
+    assert torch.equal(rows[2][:, : rows[2].shape[1]], rows[5][:2, : rows[2].shape[1]])
+    assert (rows[5][:2, rows[2].shape[1]:] == -1).all()
