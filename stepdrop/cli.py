@@ -34,6 +34,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training images")
     p.add_argument("--data-root", default=None, help="folder with the dataset files (default: the dataset's standard place)")
+    p.add_argument("--download", action="store_true",
+                   help="cifar10: download the batches (torchvision) when they are absent; needs internet")
     p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels, help="image channels (Fashion-MNIST: 1, or 3 replicated)")
     p.add_argument("--base-channels", type=int, default=d.base_channels, help="UNet width")
     p.add_argument("--channel-mults", type=_ints, default=d.channel_mults, help="width multiplier per resolution, e.g. 1,2,2")
@@ -122,6 +124,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", default=DEFAULT_SPECS, help="comma-separated specs")
     p.add_argument("--num-samples", type=int, default=16, help="images per spec")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, step noise and stochastic plans")
+    p.add_argument("--clip", type=float, default=1.0,
+                   help="clip x̂0 to [-clip, clip] at every step (1: the [-1, 1] data range of stepdrop's models; "
+                        "0: no clipping — an under-trained model then drifts out of range at high noise)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -153,13 +158,16 @@ def _run_sample(args: argparse.Namespace) -> int:
         if args.model is None and not names:
             raise ValueError("no model is shipped with this installation: pass --checkpoint PATH")
         loaded = load_pretrained(args.model or names[0], map_location=args.device)
+    if args.clip < 0:
+        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
     results = run_specs(loaded.model, loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
-                        backend=args.backend, progress=not args.no_progress)
+                        backend=args.backend, clip=args.clip or None, progress=not args.no_progress)
     rows = []
     for spec, images, row in results:
         row["grid"] = str(save_grid(images, out / f"{_file_name(spec.label)}.png"))
         rows.append(row)
-    meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "device": args.device,
+    meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "clip": args.clip or None,
+            "device": args.device,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     json_path, csv_path = write_results(rows, out, meta)
     print(format_table(rows))

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from stepdrop._validation import check_bool, check_choice, check_float, check_int, check_tensor
 from stepdrop.ops import BACKENDS, FLOAT_DTYPES, SOLVERS, fused_step
-from stepdrop.ops.reference import CLEAN
+from stepdrop.ops.reference import CLEAN, q_sample
 from stepdrop.plan import StepPlan
 from stepdrop.policies import OnlinePolicy, StepPolicy, get_policy
 from stepdrop.schedule import NoiseSchedule
@@ -335,12 +335,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         last = self.config.num_train_timesteps - 1
         if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() > last):
             raise ValueError(f"timesteps must be in [0, {last}], got range [{int(t.min())}, {int(t.max())}]")
-        compute = original_samples.dtype if original_samples.dtype in FLOAT_DTYPES else torch.float32
-        a = self.schedule.table(device, torch.float64)[t]
-        shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        signal, sigma = a.sqrt().to(compute).view(shape), (1 - a).sqrt().to(compute).view(shape)
-        x_t = signal * original_samples.to(compute) + sigma * noise.to(compute)
-        return x_t.to(original_samples.dtype)
+        return q_sample(original_samples, noise, self.schedule.table(device, torch.float64), t)
 
 
 def _make_policy(name: str, kwargs: dict[str, Any] | None) -> StepPolicy:

@@ -71,11 +71,14 @@ def run_specs(
     num_samples: int,
     seed: int,
     backend: str = "auto",
+    clip: float | None = 1.0,
     progress: bool = True,
 ) -> list[tuple[RunSpec, Tensor, dict[str, Any]]]:
     """Run each spec on the same initial noise; returns (spec, images, stats dict) per spec.
 
-    Timing covers the sampling loop only (no I/O); a one-call warm-up runs first.
+    ``clip`` clips x̂0 to [−clip, clip] at every step (1.0: the [−1, 1] data range our models
+    are trained on; None: no clipping). Timing covers the sampling loop only (no I/O); a
+    one-call warm-up runs first.
     """
     device = next(model.parameters()).device
     largest = max([num_samples] + [s.num_samples or 0 for s in specs])
@@ -85,12 +88,12 @@ def run_specs(
     results = []
     for spec in specs:
         n = spec.num_samples or num_samples
-        sampler = FusedSampler(model, schedule, solver=spec.solver, backend=backend)
+        sampler = FusedSampler(model, schedule, solver=spec.solver, clip=clip, backend=backend)
         generator = torch.Generator().manual_seed(seed)
         policy = get_policy(spec.policy)
         images, stats = sampler.sample(noise[:n], policy, budget=spec.budget, generator=generator, progress=progress)
         row = stats.to_dict()
-        row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, nfe=stats.nfe.tolist(),
+        row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, clip=clip, nfe=stats.nfe.tolist(),
                    timesteps_row0=[int(v) for v in stats.timesteps[0] if v >= 0])
         results.append((spec, images, row))
     return results

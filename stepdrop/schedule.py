@@ -81,15 +81,30 @@ class NoiseSchedule:
         return cls(betas, kind="cosine", params={"s": s, "max_beta": max_beta})
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "NoiseSchedule":
-        """Schedule whose ᾱ table is exactly ``alphas_cumprod`` (strictly decreasing, in (0, 1))."""
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor, *, betas: Tensor | None = None) -> "NoiseSchedule":
+        """Schedule whose ᾱ table is exactly ``alphas_cumprod`` (strictly decreasing, in (0, 1)).
+
+        Args:
+            alphas_cumprod: the ᾱ table, 1-D with T ≥ 2 entries; kept bit for bit (as float64).
+            betas: the β table to keep alongside it (e.g. the one ᾱ was computed from, as
+                :meth:`to_config` stores it); must have T entries with ∏(1 − β) = ᾱ to within
+                rounding. Default None: β_t = 1 − ᾱ_t/ᾱ_{t−1}, re-derived from ᾱ.
+        """
         a = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
         if a.ndim != 1 or a.numel() < 2:
             raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(a.shape)}")
         if not torch.isfinite(a).all() or (a <= 0).any() or (a >= 1).any() or (a[1:] >= a[:-1]).any():
             raise ValueError("alphas_cumprod must be finite, strictly decreasing and each in the open interval (0, 1)")
-        prev = torch.cat([a.new_ones(1), a[:-1]])
-        schedule = cls(1 - a / prev, kind="custom")
+        if betas is None:
+            prev = torch.cat([a.new_ones(1), a[:-1]])
+            schedule = cls(1 - a / prev, kind="custom")
+        else:
+            schedule = cls(betas, kind="custom")  # validates betas
+            if schedule.num_timesteps != a.numel() or not torch.allclose(schedule.alphas_cumprod, a, rtol=1e-9, atol=0):
+                raise ValueError(
+                    f"betas ({schedule.num_timesteps} entries) do not give alphas_cumprod ({a.numel()} entries): "
+                    f"∏(1 − β) must equal ᾱ to within rounding"
+                )
         schedule.alphas_cumprod = a.clone()  # keep the caller's table bit for bit
         return schedule
 
@@ -100,7 +115,15 @@ class NoiseSchedule:
         T = config.get("num_timesteps")
         params = dict(config.get("params", {}))
         if kind == "custom":
-            return cls(torch.tensor(config["betas"], dtype=torch.float64), kind="custom")
+            if "alphas_cumprod" in config:
+                betas = config.get("betas")
+                return cls.from_alphas_cumprod(
+                    torch.tensor(config["alphas_cumprod"], dtype=torch.float64),
+                    betas=None if betas is None else torch.tensor(betas, dtype=torch.float64),
+                )
+            if "betas" in config:  # configs written before the ᾱ table was stored
+                return cls(torch.tensor(config["betas"], dtype=torch.float64), kind="custom")
+            raise ValueError("a 'custom' schedule config needs its 'alphas_cumprod' table (or legacy 'betas')")
         makers = {"linear": cls.linear, "scaled_linear": cls.scaled_linear, "cosine": cls.cosine}
         if kind not in makers:
             raise ValueError(f"config['kind'] must be one of {BETA_SCHEDULES}, got {kind!r}")
@@ -113,9 +136,27 @@ class NoiseSchedule:
         Reproduces diffusers' own float32 β computation, so the ᾱ table matches the one
         diffusers builds for the same config. Supported ``beta_schedule`` values: "linear",
         "scaled_linear", "squaredcos_cap_v2"; a ``trained_betas`` list is taken as is.
+
+        Keys that make diffusers change the ᾱ table in a way not reproduced here raise
+        ``ValueError`` naming the key rather than being dropped: ``rescale_betas_zero_snr=True``
+        (zero-terminal-SNR rescaling, DDPM/DDIM/… schedulers) and ``snr_shift_scale`` ≠ 1
+        (CogVideoX's DDIM). Keys that only affect sampling (``timestep_spacing``,
+        ``steps_offset``, …) are ignored; ``prediction_type`` is the scheduler's business
+        (:class:`stepdrop.diffusers_scheduler.StepDropScheduler` checks it), not the table's.
         """
         get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
         T = check_int("num_train_timesteps", get("num_train_timesteps", 1000), low=2)
+        if get("rescale_betas_zero_snr", False):
+            raise ValueError(
+                "rescale_betas_zero_snr=True (zero-terminal-SNR rescaling of β, ᾱ_{T-1} = 0) is not supported: "
+                "stepdrop's ᾱ table would not match the one diffusers builds for this config"
+            )
+        shift = get("snr_shift_scale", None)
+        if shift is not None and float(shift) != 1.0:
+            raise ValueError(
+                f"snr_shift_scale={shift} (an SNR shift of the ᾱ table, CogVideoX's DDIM) is not supported: "
+                f"stepdrop's ᾱ table would not match the one diffusers builds for this config"
+            )
         trained = get("trained_betas", None)
         if trained is not None:
             return cls(torch.tensor(trained, dtype=torch.float64), kind="custom")
@@ -164,9 +205,17 @@ class NoiseSchedule:
         return self._tables[key]
 
     def to_config(self) -> dict[str, Any]:
-        """A JSON-serialisable description that :meth:`from_config` rebuilds exactly."""
+        """A JSON-serialisable description that :meth:`from_config` rebuilds exactly.
+
+        A "custom" schedule stores its float64 ᾱ table (``"alphas_cumprod"``; Python floats
+        round-trip through JSON exactly) and :meth:`from_config` rebuilds it with
+        :meth:`from_alphas_cumprod`, so the ᾱ table comes back bit-identical (re-deriving ᾱ
+        as a product of stored β could differ in the last bits). Its β table is stored too
+        (``"betas"``), so that β also comes back bit for bit.
+        """
         config: dict[str, Any] = {"kind": self.kind, "num_timesteps": self.num_timesteps, "params": dict(self.params)}
         if self.kind == "custom":
+            config["alphas_cumprod"] = self.alphas_cumprod.tolist()
             config["betas"] = self.betas.tolist()
         return config
 

@@ -28,19 +28,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepdrop._io import ensure_writable_folder
-from stepdrop._validation import check_choice, check_float, check_int
+from stepdrop._validation import check_bool, check_choice, check_float, check_int
 from stepdrop.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, read_file
 from stepdrop.data import DATASETS, ImageData, load_images
 from stepdrop.models import TinyUNet
+from stepdrop.ops.reference import q_sample
 from stepdrop.schedule import NoiseSchedule
 
 __all__ = ["TrainConfig", "train", "lr_at"]
 
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("cosine", "constant")
-# Settings that may change between a run and its resumption: bookkeeping, and `steps`, which
-# extends the run (under the cosine LR schedule it also stretches the remaining decay).
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "out", "data_root", "device")
+# Settings that may change between a run and its resumption: bookkeeping (where the data
+# comes from included), and `steps`, which extends the run (under the cosine LR schedule it
+# also stretches the remaining decay).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "out", "data_root", "device", "download")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TrainConfig:
     log_every: int = 50
     out: str = "runs/fashion-mnist"
     device: str = "auto"
+    download: bool = False  # cifar10: fetch the batches with torchvision when absent (needs internet)
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)
@@ -86,6 +89,7 @@ class TrainConfig:
         check_float("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         check_float("grad_clip", self.grad_clip, low=0.0)
         check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_bool("download", self.download)
 
     def model_config(self) -> dict[str, Any]:
         return {
@@ -208,7 +212,7 @@ def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None =
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
     device = _pick_device(config.device)
     data = data if data is not None else load_images(config.dataset, "train", root=config.data_root,
-                                                     channels=config.channels)
+                                                     channels=config.channels, download=config.download)
     if data.num_channels != config.channels:
         raise ValueError(f"channels={config.channels} but the data has {data.num_channels} channel(s)")
     if len(data) < config.batch_size:
@@ -266,8 +270,7 @@ def _train_step(run: _Run, data: ImageData, table: torch.Tensor, T: int) -> floa
     x0 = data.batch(idx, generator=run.data_gen).to(device)
     t = torch.randint(0, T, (x0.shape[0],), generator=run.noise_gen).to(device)
     eps = torch.randn(x0.shape, generator=run.noise_gen).to(device)
-    a = table[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x_t = q_sample(x0, eps, table, t)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.step, config)
     run.model.train()

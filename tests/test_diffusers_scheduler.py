@@ -314,6 +314,25 @@ def test_protocol_attributes_and_add_noise():
         scheduler.add_noise(x, noise, torch.tensor([0, 1000]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_add_noise_is_the_shared_q_sample(dtype, monkeypatch):
+    """add_noise is stepdrop.ops.reference.q_sample on the float64 table (the forward-noising
+    formula exists once, shared with training), bit for bit, per-sample and scalar t."""
+    import stepdrop.diffusers_scheduler as mod
+    from stepdrop.ops.reference import q_sample
+
+    scheduler = StepDropScheduler(beta_schedule="squaredcos_cap_v2")
+    x, noise = torch.randn(SHAPE).to(dtype), torch.randn(SHAPE).to(dtype)
+    t = torch.tensor([3, 777])
+    table = scheduler.alphas_cumprod
+    assert torch.equal(scheduler.add_noise(x, noise, t), q_sample(x, noise, table, t))
+    assert torch.equal(scheduler.add_noise(x, noise, 777), q_sample(x, noise, table, torch.tensor([777, 777])))
+    calls = []
+    monkeypatch.setattr(mod, "q_sample", lambda *a: calls.append(a) or q_sample(*a))
+    scheduler.add_noise(x, noise, t)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_step_keeps_dtype(dtype):
     scheduler = StepDropScheduler(eta=0.3)

@@ -255,3 +255,44 @@ def test_tiny_unet_matches_diffusers_parameter_count():
     ours = TinyUNet(image_size=16, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=2,
                     attention_resolutions=(8,), norm_groups=8)
     assert ours.num_parameters() == sum(p.numel() for p in unet.parameters())
+
+
+# ---------------------------------------------------------------------- shared helpers
+
+
+def test_diffusers_adapter_rejects_bool_and_complex_timesteps():
+    """The adapter normalises t with the same helper as TinyUNet, so a bool (or complex) t is a
+    TypeError instead of reaching the UNet (diffusers would embed True/False as timesteps 1/0)."""
+    adapter = as_eps_model(_diffusers_unet())
+    x = torch.randn(2, 3, 16, 16)
+    for bad in (torch.tensor([True, False]), torch.tensor(True), torch.tensor([1 + 0j, 2 + 0j])):
+        with pytest.raises(TypeError, match=r"^t must be an integer"):
+            adapter(x, bad)
+    with pytest.raises(TypeError, match=r"^t "):
+        adapter(x, True)
+
+
+def test_as_timestep_vector_forms_and_errors():
+    from stepdrop.models import adapters, tiny_unet
+    from stepdrop.models._timesteps import as_timestep_vector
+
+    assert adapters.as_timestep_vector is as_timestep_vector and tiny_unet.as_timestep_vector is as_timestep_vector
+    for t, dtype in ((7, torch.int64), (torch.tensor(7), torch.int64), (torch.tensor([7, 7, 7], dtype=torch.int32), torch.int32),
+                     (7.5, torch.float32)):
+        v = as_timestep_vector(t, 3, "cpu")
+        assert v.shape == (3,) and v.dtype == dtype and (v == (7.5 if dtype == torch.float32 else 7)).all()
+    for bad in (torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=r"^t must be an integer"):
+            as_timestep_vector(bad, 3, "cpu")
+    for bad in (True, "7", None):
+        with pytest.raises(TypeError, match=r"^t "):
+            as_timestep_vector(bad, 3, "cpu")
+    for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(3, 1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"^t must have shape \[B\] = \[3\]"):
+            as_timestep_vector(bad, 3, "cpu")
+
+
+def test_tiny_unet_bool_settings_raise_type_error_by_name():
+    for name in ("mid_attention", "zero_init_output"):
+        with pytest.raises(TypeError, match=f"^{name} must be a bool"):
+            TinyUNet(**{**SMALL, name: 1})

@@ -104,6 +104,31 @@ def test_alphas_cumprod_bad():
            s=torch.full((B,), CLEAN))
 
 
+@pytest.mark.parametrize("backend", ["torch", *[b for b in ("cpu",) if b in available_backends("cpu")]])
+@pytest.mark.parametrize(
+    "value, where", [(1.0, 1), (1.0, 0), (0.0, 30), (-0.2, 45), (1.5, 5), (float("nan"), 40), (float("inf"), 12),
+                     (float("-inf"), 7)],
+    ids=["one", "one-first", "zero", "negative", "above-one", "nan", "inf", "-inf"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_alphas_cumprod_values_outside_0_1(backend, value, where, dtype):
+    """A table entry outside (0, 1) — e.g. [.5, 1, 1, …], which made the step return NaN — is a
+    ValueError naming alphas_cumprod and the entry, whichever entry the batch indexes."""
+    table = TABLE.clone().to(dtype)
+    table[where] = value
+    msg = raises(ValueError, "alphas_cumprod", alphas_cumprod=table, backend=backend,
+                 x=good()["x"].to(dtype), eps=good()["eps"].to(dtype), noise=good()["noise"].to(dtype))
+    assert f"alphas_cumprod[{where}]" in msg and "(0, 1)" in msg
+
+
+def test_alphas_cumprod_half_then_ones_used_to_give_nan():
+    table = torch.tensor([0.5] + [1.0] * (T - 1), dtype=torch.float64)
+    raises(ValueError, "alphas_cumprod", alphas_cumprod=table)
+    # the whole open interval is accepted, right up to its ends
+    edge = torch.linspace(1 - 2**-52, 2**-1000, T, dtype=torch.float64)
+    assert torch.isfinite(call(alphas_cumprod=edge)).all()
+
+
 # ----------------------------------------------------------------------------- t / s / active
 @pytest.mark.parametrize("name", ["t", "s"])
 def test_index_dtype(name):

@@ -92,3 +92,14 @@ def test_sample_command_errors(tmp_path, capsys):
     assert "policy-budget" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(ckpt), "--clip", "-1", "--out", str(tmp_path)]) == 2
+    assert "--clip" in capsys.readouterr().err
+
+
+def test_sample_command_clips_by_default(tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path / "m.pt")
+    for clip, folder in (("1", "clipped"), ("0", "raw")):
+        assert main(["sample", "--checkpoint", str(ckpt), "--policies", "ddim-5", "--num-samples", "2",
+                     "--clip", clip, "--out", str(tmp_path / folder), "--no-progress"]) == 0
+    assert json.load(open(tmp_path / "clipped" / "results.json"))["runs"][0]["clip"] == 1.0
+    assert json.load(open(tmp_path / "raw" / "results.json"))["runs"][0]["clip"] is None

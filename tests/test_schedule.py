@@ -314,3 +314,75 @@ def test_bad_alphas_cumprod_values_name_the_argument(a):
     argument the caller passed (not the internal β)."""
     with pytest.raises(ValueError, match="alphas_cumprod"):
         NoiseSchedule.from_alphas_cumprod(torch.tensor(a, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- custom configs: exact ᾱ
+def test_custom_config_round_trips_alphas_cumprod_bit_for_bit():
+    """from_alphas_cumprod → to_config → JSON → from_config gives the very same ᾱ table (the config
+    stores ᾱ, not β: ᾱ re-derived as ∏(1 − β) of the re-derived β differs in the last bits)."""
+    rng = np.random.default_rng(3)
+    a = np.sort(rng.uniform(1e-4, 1 - 1e-6, size=300))[::-1].copy()  # arbitrary decreasing table
+    a_t = torch.from_numpy(a)
+    # the old β-only storage could not get this table back exactly
+    derived_betas = 1 - a_t / torch.cat([a_t.new_ones(1), a_t[:-1]])
+    assert not torch.equal(torch.cumprod(1 - derived_betas, 0), a_t)
+
+    sch = NoiseSchedule.from_alphas_cumprod(a_t)
+    cfg = json.loads(json.dumps(sch.to_config()))
+    assert cfg["kind"] == "custom" and cfg["alphas_cumprod"] == a.tolist()
+    back = NoiseSchedule.from_config(cfg)
+    assert torch.equal(back.alphas_cumprod, a_t)
+    assert torch.equal(back.betas, sch.betas)
+    assert back.to_config() == cfg
+
+
+def test_custom_config_legacy_betas_key_still_loads():
+    betas = [0.1, 0.2, 0.35, 0.6]
+    back = NoiseSchedule.from_config({"kind": "custom", "num_timesteps": 4, "params": {}, "betas": betas})
+    np.testing.assert_array_equal(as_np(back.betas), np.array(betas))
+    np.testing.assert_allclose(as_np(back.alphas_cumprod), np.cumprod(1 - np.array(betas)), rtol=1e-15)
+
+
+def test_custom_config_needs_a_table():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        NoiseSchedule.from_config({"kind": "custom", "num_timesteps": 4, "params": {}})
+
+
+def test_from_alphas_cumprod_rejects_betas_that_do_not_match():
+    a = torch.from_numpy(np_linear(20))
+    betas = torch.linspace(1e-4, 0.02, 20, dtype=torch.float64)
+    assert torch.equal(NoiseSchedule.from_alphas_cumprod(a, betas=betas).betas, betas)
+    with pytest.raises(ValueError, match="betas"):
+        NoiseSchedule.from_alphas_cumprod(a, betas=betas * 2)
+    with pytest.raises(ValueError, match="betas"):
+        NoiseSchedule.from_alphas_cumprod(a, betas=betas[:-1])
+
+
+# ----------------------------------------------------------------------------- diffusers keys that change ᾱ
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_from_diffusers_config_rejects_zero_snr_rescaling(cls):
+    """diffusers rescales β for zero terminal SNR; stepdrop does not reproduce that table, so the
+    key must raise instead of being silently dropped."""
+    ref = cls(num_train_timesteps=50, rescale_betas_zero_snr=True)
+    for config in (ref.config, dict(ref.config), dict(num_train_timesteps=50, rescale_betas_zero_snr=True)):
+        with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+            NoiseSchedule.from_diffusers_config(config)
+    # False (the default in every diffusers config) is fine
+    NoiseSchedule.from_diffusers_config(cls(num_train_timesteps=50, rescale_betas_zero_snr=False).config)
+
+
+def test_from_diffusers_config_rejects_snr_shift():
+    cfg = dict(num_train_timesteps=50, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with pytest.raises(ValueError, match="snr_shift_scale"):
+        NoiseSchedule.from_diffusers_config({**cfg, "snr_shift_scale": 3.0})
+    sch = NoiseSchedule.from_diffusers_config({**cfg, "snr_shift_scale": 1.0})  # no shift: the plain table
+    assert torch.equal(sch.alphas_cumprod, NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod)
+
+
+def test_from_diffusers_config_ignores_sampling_only_keys():
+    """timestep_spacing / steps_offset choose inference timesteps, and prediction_type is the
+    scheduler's concern: none changes the ᾱ table, so none is rejected here."""
+    base = NoiseSchedule.from_diffusers_config(dict(num_train_timesteps=50))
+    for extra in (dict(timestep_spacing="trailing"), dict(steps_offset=1), dict(prediction_type="v_prediction")):
+        sch = NoiseSchedule.from_diffusers_config(dict(num_train_timesteps=50, **extra))
+        assert torch.equal(sch.alphas_cumprod, base.alphas_cumprod), extra

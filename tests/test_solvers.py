@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from stepdrop.ops import CLEAN, available_backends, fused_step, predict_x0
+from stepdrop.ops.reference import fused_step_reference, q_sample
 from stepdrop.schedule import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -570,3 +571,43 @@ def test_backends_agree(backend):
             tol = 1e-13 if dtype == torch.float64 else 1e-5
             torch.testing.assert_close(a, r, rtol=tol, atol=tol)
             torch.testing.assert_close(a0, r0, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- x̂0 and the forward process
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_predict_x0_is_the_fused_steps_x0_bit_for_bit(dtype, clip):
+    """predict_x0 takes its coefficients from step_coefficients, so it is exactly the x̂0 that
+    the reference step computes (one formula, not two that could drift apart)."""
+    table = NoiseSchedule.cosine(T).alphas_cumprod
+    t = torch.tensor([999, 998, 500, 17, 1, 0])
+    s = torch.tensor([900, CLEAN, 499, 3, 0, CLEAN])
+    x, eps = 2 * randn((6, 3, 4), 71, dtype), randn((6, 3, 4), 72, dtype)
+    _, x0 = fused_step_reference(x, eps, table, t, s, clip=clip, return_x0=True)
+    got = predict_x0(x, eps, table, t, clip=clip)
+    assert got.dtype == dtype and torch.equal(got, x0)
+    expected = paper_x0(x.double().numpy(), eps.double().numpy(), table.numpy()[t.numpy()], clip)
+    scale = max(1.0, np.abs(expected).max())  # unclipped x̂0 at t = 999 is large (1/√ᾱ_t)
+    assert_close(got.double(), expected, (1e-12 if dtype == torch.float64 else 1e-6) * scale, "predict_x0 vs paper")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("table_dtype", [torch.float64, torch.float32])
+def test_q_sample_is_ho_eq_4_per_sample(dtype, table_dtype):
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), each sample with its own t, in x0's dtype."""
+    betas = np.linspace(1e-4, 0.02, T)
+    table64 = np.cumprod(1 - betas)  # independent of stepdrop
+    table = torch.from_numpy(table64).to(table_dtype)
+    t = torch.tensor([0, 999, 500, 500, 3])
+    x0, eps = randn((5, 2, 3, 3), 81, dtype), randn((5, 2, 3, 3), 82, dtype)
+    out = q_sample(x0, eps, table, t)
+    assert out.dtype == dtype and out.shape == x0.shape
+    a = per_sample(table.double().numpy()[t.numpy()], 4)
+    expected = np.sqrt(a) * x0.double().numpy() + np.sqrt(1 - a) * eps.double().numpy()
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.float16: 4e-3}[dtype] * 4
+    assert_close(out.double(), expected, tol, "q_sample")
+    # per sample: each row uses its own ᾱ_t, and a one-element t applies to the whole batch
+    for i in range(5):
+        torch.testing.assert_close(q_sample(x0[i:i + 1], eps[i:i + 1], table, t[i:i + 1]), out[i:i + 1], rtol=0, atol=0)
+    torch.testing.assert_close(q_sample(x0, eps, table, t[2:3]), q_sample(x0, eps, table, torch.full((5,), 500)),
+                               rtol=0, atol=0)

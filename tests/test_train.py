@@ -740,3 +740,58 @@ def test_cli_help(capsys):
         main(["train", "--help"])
     assert info.value.code == 0
     assert "--resume" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 8. shared formulas, --download
+def test_training_noises_with_the_shared_q_sample(tmp_path, monkeypatch):
+    """x_t of every step is stepdrop.ops.reference.q_sample(x0, ε, ᾱ table, t) — the one forward
+    formula, shared with StepDropScheduler.add_noise — and is exactly what the model is fed."""
+    from stepdrop.ops.reference import q_sample
+
+    calls, seen = [], []
+
+    def spy(x0, noise, table, t):
+        out = q_sample(x0, noise, table, t)
+        calls.append((x0.clone(), noise.clone(), table, t.clone(), out.clone()))
+        return out
+
+    forward = TinyUNet.forward
+    monkeypatch.setattr(train_mod, "q_sample", spy)
+    monkeypatch.setattr(TinyUNet, "forward", lambda self, x, t: seen.append(x.detach().clone()) or forward(self, x, t))
+    config = make_config(tmp_path / "run", steps=2)
+    train(config, data=make_data(), progress=False)
+    assert len(calls) == 2 and len(seen) == 2
+    for (x0, noise, table, t, out), fed in zip(calls, seen):
+        assert torch.equal(fed, out)
+        assert table.dtype == torch.float32 and t.shape == (config.batch_size,)
+        a = table.double()[t].view(-1, 1, 1, 1)  # Ho et al. 2020 eq. 4, written out
+        torch.testing.assert_close(out.double(), a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double(),
+                                   rtol=0, atol=1e-6)
+
+
+def test_cli_train_download_reaches_load_images(tmp_path, monkeypatch, capsys):
+    """`stepdrop train --download` (README: CIFAR-10 "--download where there is internet") is
+    passed on as load_images(..., download=True); without it, download=False."""
+    calls = []
+
+    def fake_load_images(name, split="train", root=None, channels=None, download=False):
+        calls.append(dict(name=name, split=split, root=root, channels=channels, download=download))
+        return make_data(channels=3)
+
+    monkeypatch.setattr(train_mod, "load_images", fake_load_images)
+    out = tmp_path / "run"
+    args = ["train", *TINY_CLI, "--dataset", "cifar10", "--channels", "3", "--steps", "1", "--out", str(out)]
+    assert main([*args, "--download"]) == 0
+    assert calls == [dict(name="cifar10", split="train", root=None, channels=3, download=True)]
+    assert read_file(out / "checkpoint.pt")["train_config"]["download"] is True
+    # resuming may change --download (where the data comes from, not what the run is)
+    args[args.index("--steps") + 1] = "2"
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert calls[-1]["download"] is False
+    assert read_file(out / "checkpoint.pt")["step"] == 2
+    assert "download" in train_mod.RESUMABLE_CHANGES
+
+
+def test_download_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="download"):
+        make_config(tmp_path / "r", download="yes")

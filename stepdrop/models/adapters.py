@@ -10,8 +10,9 @@ from __future__ import annotations
 import numbers
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
+
+from stepdrop.models._timesteps import as_timestep_vector
 
 __all__ = ["DiffusersUNetAdapter", "as_eps_model"]
 
@@ -77,17 +78,7 @@ class DiffusersUNetAdapter(nn.Module):
         if not isinstance(x, Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor of shape [B, C, H, W], got {shape}")
-        B = x.shape[0]
-        if isinstance(t, Tensor):
-            if t.ndim == 0:
-                t = t.reshape(1).expand(B)
-            elif t.ndim != 1 or t.shape[0] != B:
-                raise ValueError(f"t must have shape [B] = [{B}] (one timestep per sample) or be 0-dim, got {tuple(t.shape)}")
-            t = t.to(x.device, non_blocking=True)
-        elif isinstance(t, numbers.Real) and not isinstance(t, bool):
-            t = torch.full((B,), t, dtype=torch.int64 if isinstance(t, numbers.Integral) else torch.float32, device=x.device)
-        else:
-            raise TypeError(f"t must be a tensor of shape [B] or a Python int, got {type(t).__name__}")
+        t = as_timestep_vector(t, x.shape[0], x.device)
         return self.unet(x, t, return_dict=False)[0]
 
     def extra_repr(self) -> str:

@@ -16,14 +16,14 @@ Contract (shared by every model in stepdrop): ``eps = model(x, t)`` with ``x`` o
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stepdrop._validation import check_float, check_int
+from stepdrop._validation import check_bool, check_float, check_int
+from stepdrop.models._timesteps import as_timestep_vector
 
 __all__ = ["TinyUNet", "timestep_embedding"]
 
@@ -189,9 +189,9 @@ class TinyUNet(nn.Module):
         dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_open=True)
         num_heads = check_int("num_heads", num_heads, low=1)
         time_embed_dim = 4 * base_channels if time_embed_dim is None else check_int("time_embed_dim", time_embed_dim, low=1)
-        mid_attention = _check_bool("mid_attention", mid_attention)
+        mid_attention = check_bool("mid_attention", mid_attention)
         norm_groups = check_int("norm_groups", norm_groups, low=1)
-        zero_init_output = _check_bool("zero_init_output", zero_init_output)
+        zero_init_output = check_bool("zero_init_output", zero_init_output)
 
         num_levels = len(channel_mults)
         factor = 2 ** (num_levels - 1)
@@ -354,30 +354,10 @@ class TinyUNet(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
-        B = x.shape[0]
-        if isinstance(t, Tensor):
-            if t.dtype == torch.bool or t.is_complex():
-                raise TypeError(f"t must be an integer (or real) tensor, got dtype {t.dtype}")
-            if t.ndim == 0:
-                t = t.reshape(1).expand(B)
-            elif t.ndim != 1 or t.shape[0] != B:
-                raise ValueError(f"t must have shape [B] = [{B}] (one timestep per sample) or be 0-dim, got {tuple(t.shape)}")
-            t = t.to(x.device, non_blocking=True)
-        elif isinstance(t, numbers.Real) and not isinstance(t, bool):
-            dtype = torch.int64 if isinstance(t, numbers.Integral) else torch.float32
-            t = torch.full((B,), t, dtype=dtype, device=x.device)
-        else:
-            raise TypeError(f"t must be a tensor of shape [B] or a Python int, got {type(t).__name__}")
-        return x, t
+        return x, as_timestep_vector(t, x.shape[0], x.device)
 
 
 def _int_tuple(name: str, value: object, *, low: int) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
     return tuple(check_int(f"{name}[{i}]", v, low=low) for i, v in enumerate(value))
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from stepdrop._validation import check_choice, check_float, check_same_device, check_tensor
 from stepdrop.ops import _native, triton_step
-from stepdrop.ops.reference import CLEAN, SOLVERS, fused_step_reference, predict_x0, step_coefficients
+from stepdrop.ops.reference import CLEAN, SOLVERS, fused_step_reference, predict_x0, q_sample, step_coefficients
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -31,6 +31,7 @@ __all__ = [
     "fused_step",
     "fused_step_reference",
     "predict_x0",
+    "q_sample",
     "resolve_backend",
     "step_coefficients",
 ]
@@ -120,8 +121,9 @@ def validate_step_inputs(
     eta: float,
     clip: float | None,
 ) -> None:
-    """All checks of :func:`fused_step`. Value checks on t and s run only for CPU tensors,
-    where they cost no device synchronisation; kernels clamp indices regardless."""
+    """All checks of :func:`fused_step`. Value checks on t, s and the ᾱ table (each entry in
+    (0, 1)) run only for CPU tensors, where they cost no device synchronisation; kernels clamp
+    indices regardless."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor("eps", eps, dtypes=(x.dtype,))
     if eps.shape != x.shape:
@@ -133,6 +135,15 @@ def validate_step_inputs(
     check_tensor("alphas_cumprod", alphas_cumprod, dtypes=FLOAT_DTYPES, ndim=1)
     if alphas_cumprod.numel() < 2:
         raise ValueError(f"alphas_cumprod must have at least 2 entries, got {alphas_cumprod.numel()}")
+    if alphas_cumprod.device.type == "cpu":
+        # one pass over a [T] table: ᾱ = 1 gives 0/0 in the coefficients, ᾱ ≤ 0 or NaN a NaN sample
+        inside = (alphas_cumprod > 0) & (alphas_cumprod < 1)  # NaN fails both comparisons
+        if not bool(inside.all()):
+            i = int((~inside).nonzero()[0])
+            raise ValueError(
+                f"alphas_cumprod must be finite and each in the open interval (0, 1), "
+                f"got alphas_cumprod[{i}] = {float(alphas_cumprod[i])}"
+            )
     batch = x.shape[0]
     for name, idx in (("t", t), ("s", s)):
         check_tensor(name, idx, dtypes=(torch.int64,), ndim=1)

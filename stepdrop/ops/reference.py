@@ -74,16 +74,41 @@ def step_coefficients(alphas_cumprod: Tensor, t: Tensor, s: Tensor, solver: str 
 
 
 def predict_x0(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, clip: float | None = None) -> Tensor:
-    """x̂0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t per sample, optionally clipped to [−clip, clip]."""
-    a_t, _ = gather_alphas(alphas_cumprod, t, t)
+    """x̂0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t per sample, optionally clipped to [−clip, clip].
+
+    The coefficients are :func:`step_coefficients`' ``x0_from_x`` and ``x0_from_eps``, so x̂0
+    here is bit for bit the x̂0 of :func:`fused_step_reference`."""
+    coef = step_coefficients(alphas_cumprod, t, t)
     compute = _compute_dtype(x.dtype)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    c1 = a_t.rsqrt().to(compute).view(shape)
-    c2 = (-(1 - a_t).sqrt() * a_t.rsqrt()).to(compute).view(shape)
+    c1 = coef.x0_from_x.to(compute).view(shape)
+    c2 = coef.x0_from_eps.to(compute).view(shape)
     x0 = c1 * x.to(compute) + c2 * eps.to(compute)
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     return x0.to(x.dtype)
+
+
+def q_sample(x0: Tensor, noise: Tensor, alphas_cumprod: Tensor, t: Tensor) -> Tensor:
+    """Forward noising x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), per sample.
+
+    Args:
+        x0: clean data [B, ...].
+        noise: ε, the shape of ``x0``.
+        alphas_cumprod: [T] ᾱ table (any float dtype), on ``x0``'s device.
+        t: int64 [B] timesteps in [0, T−1] (one per sample, gathered from the table; a
+            one-element ``t`` applies to the whole batch). Not range-checked here.
+
+    Returns:
+        x_t in ``x0``'s dtype. √ᾱ_t and √(1−ᾱ_t) are computed in float64; the element-wise
+        update runs in float64 for float64 ``x0`` and in float32 otherwise.
+    """
+    a = alphas_cumprod[t].to(torch.float64)
+    compute = _compute_dtype(x0.dtype)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    signal = a.sqrt().to(compute).view(shape)
+    sigma = (1 - a).sqrt().to(compute).view(shape)
+    return (signal * x0.to(compute) + sigma * noise.to(compute)).to(x0.dtype)
 
 
 def fused_step_reference(
