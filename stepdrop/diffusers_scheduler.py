@@ -126,6 +126,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         backend: str = "auto",
         plan_seed: int | None = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         T = check_int("num_train_timesteps", num_train_timesteps, low=2)
         schedule = NoiseSchedule.from_diffusers_config(self.config)

@@ -432,3 +432,13 @@ def test_diffusers_stays_optional():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "stepdrop[diffusers]" in result.stdout
+
+
+def test_from_config_refuses_a_zero_snr_schedule_it_cannot_reproduce():
+    """diffusers' from_config drops undeclared keys; the scheduler declares this one so that a
+    zero-terminal-SNR config is refused instead of silently sampling another schedule."""
+    from diffusers import DDIMScheduler
+
+    config = DDIMScheduler(rescale_betas_zero_snr=True).config
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        StepDropScheduler.from_config(config)
