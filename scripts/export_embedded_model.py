@@ -58,7 +58,7 @@ def main() -> None:
         "parameters": params,
         "gflops_per_call": round(flops, 4),
         "final_loss_mean_last_500": round(sum(recent) / len(recent), 5),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "weights": "EMA, fp16 storage",
     }
     out = export_model(args.checkpoint, ROOT / "stepdrop" / "weights" / f"{args.name}.pt", half=True, meta=meta)
