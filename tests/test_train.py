@@ -308,6 +308,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, c
     owner, name = {"step start": (train_mod._Run, "next_indices"), "forward": (TinyUNet, "forward"),
                    "ema update": (train_mod, "_ema_update")}[where]
     out = tmp_path / "run"
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job, the default otherwise
     with monkeypatch.context() as m:
         sigint_on_call(m, owner, name, k)
         with pytest.raises(KeyboardInterrupt):
@@ -323,7 +324,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, c
     final = load_raw(train(ref_config(out), resume=True, data=ref_data(), progress=False))
     assert final["step"] == REF_STEPS
     assert state_diffs(reference_run[REF_STEPS], final) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) == handler_before  # the caller's handler is restored
 
 
 def test_keyboard_interrupt_inside_a_step_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys, reference_run):
