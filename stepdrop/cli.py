@@ -1,4 +1,4 @@
-"""The ``stepdrop`` command line: ``stepdrop train``, ``stepdrop export``, ``stepdrop sample``."""
+"""The ``stepdrop`` command line: ``stepdrop train``, ``export``, ``sample`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -139,7 +139,6 @@ def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from stepdrop._io import ensure_writable_folder
-    from stepdrop.checkpoint import load_checkpoint, load_pretrained, pretrained_names
     from stepdrop.runs import format_table, parse_spec, run_specs, save_grid, write_results
 
     specs = [parse_spec(s) for s in args.policies.split(",") if s.strip()]
@@ -151,13 +150,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     ensure_writable_folder(out)
-    if args.checkpoint is not None:
-        loaded = load_checkpoint(args.checkpoint, map_location=args.device)
-    else:
-        names = pretrained_names()
-        if args.model is None and not names:
-            raise ValueError("no model is shipped with this installation: pass --checkpoint PATH")
-        loaded = load_pretrained(args.model or names[0], map_location=args.device)
+    loaded = _load_model(args)
     if args.clip < 0:
         raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
     results = run_specs(loaded.model, loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
@@ -175,6 +168,103 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    """The model of --checkpoint, or the shipped model --model (default: the first one)."""
+    from stepdrop.checkpoint import load_checkpoint, load_pretrained, pretrained_names
+
+    if args.checkpoint is not None:
+        return load_checkpoint(args.checkpoint, map_location=args.device)
+    names = pretrained_names()
+    if args.model is None and not names:
+        raise ValueError("no model is shipped with this installation: pass --checkpoint PATH")
+    return load_pretrained(args.model or names[0], map_location=args.device)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from stepdrop.compare import FULL, QUICK, CompareConfig
+    from stepdrop.metrics import EXTRACTORS
+    from stepdrop.ops import BACKENDS
+
+    d = CompareConfig()
+    p = sub.add_parser(
+        "compare",
+        help="policy × budget × solver grid: FID/KID/precision/recall, classifier score, NFE, GFLOPs, images/s",
+        description="Sample every cell [solver:]policy-budget of the grid (plus the reference runs) from one model "
+        "with the same seeds and write <out>/report.json, report.csv, report.md and PNG plots (FID vs NFE, vs GFLOPs, "
+        "vs images/s with the Pareto front, a timestep barcode per policy, same-seed samples, a denoising film strip). "
+        "FID/KID/precision-recall use Inception-v3 pool3 features through torch-fidelity against a cached reference "
+        "set; FID carries a bootstrap interval. Finished cells are kept in <out>/cells and never recomputed; a cell "
+        "in progress resumes from its last batch, so re-running the same command continues an interrupted run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="name of a model shipped with stepdrop (default: the first one)")
+    src.add_argument("--checkpoint", default=None, help="a training checkpoint or exported model file")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help=f"a small run that finishes in under 15 minutes on 2 CPU cores: {QUICK}")
+    size.add_argument("--full", action="store_true", help=f"the full study, for a GPU: {FULL}")
+    p.add_argument("--policies", default=",".join(d.policies), help="comma-separated policy names")
+    p.add_argument("--budgets", type=_ints, default=d.budgets, help="model calls per sample, comma-separated")
+    p.add_argument("--solvers", default=",".join(d.solvers), help="comma-separated: ddim, ddpm")
+    p.add_argument("--references", default=",".join(d.references),
+                   help="reference runs as specs [solver:]policy-budget[@num_samples] (empty: none)")
+    p.add_argument("--num-samples", type=int, default=None, help=f"images per cell (default {d.num_samples})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per sampler call (default {d.batch_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every cell's noise and plans")
+    p.add_argument("--clip", type=float, default=1.0, help="clip x̂0 to [-clip, clip] (0: no clipping)")
+    p.add_argument("--ref-split", choices=("train", "test"), default=d.ref_split, help="reference images")
+    p.add_argument("--ref-samples", type=int, default=None, help=f"reference images (default {d.ref_samples})")
+    p.add_argument("--extractor", choices=EXTRACTORS, default=None,
+                   help="Inception weights (default: inception-v3-compat if its weights are cached, else the "
+                        "offline TorchScript copy of the same weights)")
+    p.add_argument("--bootstrap", type=int, default=None, help=f"FID bootstrap resamples, 0: none (default {d.bootstrap})")
+    p.add_argument("--film", default=None, help="cell for the film strip (default: the first at budget 25)")
+    p.add_argument("--cache-dir", default=None, help="reference feature cache (default ~/.cache/stepdrop/features)")
+    p.add_argument("--data-root", default=None, help="folder with the dataset files")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="compare", help="output folder (re-use it to resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from stepdrop.compare import FULL, QUICK, CompareConfig, command_line, run_compare
+
+    preset = QUICK if args.quick else FULL if args.full else {}
+    d = CompareConfig()
+    chosen = dict(
+        policies=tuple(p for p in args.policies.split(",") if p.strip()), budgets=args.budgets,
+        solvers=tuple(s for s in args.solvers.split(",") if s.strip()),
+        references=tuple(r for r in args.references.split(",") if r.strip()),
+        seed=args.seed, clip=args.clip or None, ref_split=args.ref_split, extractor=args.extractor,
+        film_label=args.film, cache_dir=args.cache_dir, data_root=args.data_root, backend=args.backend,
+    )
+    # a preset fills what the user left at its default; an explicit flag always wins
+    for name, value in preset.items():
+        if name in chosen and chosen[name] == getattr(d, name):
+            chosen[name] = value
+        elif name not in chosen:
+            chosen[name] = value
+    for name in ("num_samples", "batch_size", "ref_samples", "bootstrap"):
+        if getattr(args, name) is not None:
+            chosen[name] = getattr(args, name)
+    config = CompareConfig(**chosen)
+    if args.clip < 0:
+        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    loaded = _load_model(args)
+    report = run_compare(loaded.model, loaded.schedule, config, args.out, model_name=loaded.path or str(args.model),
+                         command=command_line(), progress=not args.no_progress)
+    print(f"{len(report['cells'])} cells; report.md, report.json, report.csv and plots in {args.out}")
+    return 0
+
+
 def _file_name(label: str) -> str:
     return label.replace(":", "_").replace("@", "_n")
 
@@ -188,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_export(sub)
     _add_sample(sub)
+    _add_compare(sub)
     return parser
 
 

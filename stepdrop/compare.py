@@ -1,0 +1,367 @@
+"""``stepdrop compare``: sample a grid of policies × budgets × solvers from one model with the
+same seeds, measure quality and cost, and write a report with plots.
+
+Every cell ``[solver:]policy-budget`` draws ``num_samples`` images in batches of
+``batch_size``; batch i of every cell starts from the same initial noise x_T (seeded by
+(seed, i)) and uses its own generator, seeded the same way, for plans and per-step noise. A
+cell records its counted NFE (per sample), pilot calls, loop wall time (device synchronised,
+no I/O), images/s, peak GPU memory, the realised timesteps, then FID with a bootstrap
+interval, KID, precision/recall against a cached reference feature set, and the in-domain
+classifier score (Fashion-MNIST). GFLOPs per sample = GFLOPs per call × counted NFE.
+
+Resumable: each finished cell is stored atomically in ``<out>/cells/<label>.pt`` and never
+recomputed for the same settings; a cell in progress is checkpointed after every batch
+(``<label>.partial.pt``), so an interrupted run loses at most one batch. The report
+(``report.json``, ``report.csv``, ``report.md``, PNG plots; :mod:`stepdrop.report`) is
+rewritten after every cell, so a long run shows its progress.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from stepdrop._io import atomic_write, ensure_writable_folder
+from stepdrop._validation import check_choice, check_int, model_device_dtype
+from stepdrop.cost import PeakMemory, gflops_per_call
+from stepdrop.ops import SOLVERS
+from stepdrop.policies import POLICIES, get_policy
+from stepdrop.runs import RunSpec, parse_spec
+from stepdrop.sampler import FusedSampler
+from stepdrop.schedule import NoiseSchedule
+
+__all__ = ["CompareConfig", "QUICK", "FULL", "cell_specs", "run_compare"]
+
+_FORMAT = "stepdrop-compare-cell"
+
+
+@dataclass
+class CompareConfig:
+    """Settings of a comparison (``stepdrop compare --help`` explains each)."""
+
+    policies: tuple[str, ...] = ("uniform", "quadratic", "logsnr", "stepdrop")
+    budgets: tuple[int, ...] = (10, 20, 25, 50)
+    solvers: tuple[str, ...] = ("ddim",)
+    references: tuple[str, ...] = ("ddim-100", "ddpm-1000")
+    num_samples: int = 2000
+    batch_size: int = 100
+    seed: int = 0
+    clip: float | None = 1.0
+    backend: str = "auto"
+    dataset: str = "fashion-mnist"
+    ref_split: str = "test"
+    ref_samples: int = 10000
+    extractor: str | None = None
+    bootstrap: int = 100
+    kid_subsets: int = 100
+    grid_samples: int = 8
+    film_samples: int = 4
+    film_label: str | None = None
+    cache_dir: str | None = None
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("policies", "budgets", "solvers", "references"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for p in self.policies:
+            check_choice("policies", p, tuple(POLICIES))
+        for s in self.solvers:
+            check_choice("solvers", s, SOLVERS)
+        for b in self.budgets:
+            check_int("budgets", b, low=1)
+        for r in self.references:
+            parse_spec(r)
+        check_int("num_samples", self.num_samples, low=2)
+        check_int("batch_size", self.batch_size, low=1)
+        check_int("ref_samples", self.ref_samples, low=2)
+        check_int("bootstrap", self.bootstrap, low=0)
+        if self.bootstrap == 1:
+            raise ValueError("bootstrap must be 0 (no interval) or >= 2 resamples, got 1")
+        check_int("kid_subsets", self.kid_subsets, low=1)
+        check_int("grid_samples", self.grid_samples, low=0)
+        check_int("film_samples", self.film_samples, low=0, high=4)
+        if not (self.policies and self.budgets and self.solvers) and not self.references:
+            raise ValueError("the grid is empty: give policies, budgets and solvers, or references")
+
+
+QUICK = dict(policies=("uniform", "quadratic", "stepdrop"), num_samples=100, ref_samples=500, bootstrap=20,
+             kid_subsets=20, references=("ddim-100", "ddpm-1000@16"))
+"""``--quick``: the whole pipeline in under 15 minutes on 2 CPU cores; FID at 100 samples is
+heavily biased and only good for spotting gross differences."""
+
+FULL = dict(num_samples=10000, batch_size=250)
+"""``--full``: ≥ 10k samples per cell, for a GPU."""
+
+
+def cell_specs(config: CompareConfig) -> list[RunSpec]:
+    """The grid (budget-major, so every budget gets all policies early in a long run), then the references."""
+    grid = [parse_spec(f"{solver}:{policy}-{budget}") for budget in config.budgets for policy in config.policies
+            for solver in config.solvers]
+    specs = grid + [parse_spec(r) for r in config.references]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"the grid names a cell twice: {labels}")
+    return specs
+
+
+def _safe(label: str) -> str:
+    return label.replace(":", "_").replace("@", "_n")
+
+
+def _batch_generators(seed: int, index: int) -> tuple[torch.Generator, torch.Generator]:
+    """(initial-noise generator, plan/step-noise generator) of batch ``index``."""
+    base = (seed << 24) + 2 * index
+    return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 1)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file is redone, not trusted
+        return None
+    return data if isinstance(data, dict) and data.get("format") == _FORMAT else None
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    atomic_write(path, lambda f: torch.save({"format": _FORMAT, **payload}, f))
+
+
+# ----------------------------------------------------------------------------- sampling
+def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, device: torch.device,
+                 partial_path: Path, key: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Sample one cell batch by batch, checkpointing after each batch; returns the raw results."""
+    from stepdrop.metrics import to_uint8
+
+    T = schedule.num_timesteps
+    shape = tuple(model.sample_shape)
+    state = _load(partial_path)
+    if state is None or state.get("key") != key:
+        state = dict(key=key, images=torch.empty(0, *shape, dtype=torch.uint8), nfe=torch.empty(0, dtype=torch.int64),
+                     model_calls=0, evaluated_samples=0, overhead_calls=0, overhead_samples=0, wall=0.0,
+                     histogram=torch.zeros(T, dtype=torch.int64), timesteps=[], peak_mb=None)
+    sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend)
+    policy = get_policy(spec.policy)
+    # warm-up at the timed batch size (allocator, thread pools), untimed
+    sampler.sample(torch.randn(min(config.batch_size, n), *shape, device=device), "uniform", budget=1)
+    batches = range(math.ceil(n / config.batch_size))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=state["images"].shape[0], desc=spec.label, unit="img", leave=False)
+    for i in batches:
+        lo = i * config.batch_size
+        if lo < state["images"].shape[0]:
+            continue
+        size = min(config.batch_size, n - lo)
+        noise_gen, step_gen = _batch_generators(config.seed, i)
+        x_T = torch.randn((size, *shape), generator=noise_gen).to(device)
+        with PeakMemory(device) as peak:
+            images, stats = sampler.sample(x_T, policy, budget=spec.budget, generator=step_gen)
+        visited = stats.timesteps
+        state["images"] = torch.cat([state["images"], to_uint8(images.cpu())])
+        state["nfe"] = torch.cat([state["nfe"], stats.nfe])
+        for name in ("model_calls", "evaluated_samples", "overhead_calls", "overhead_samples"):
+            state[name] += getattr(stats, name)
+        state["wall"] += stats.wall_time_s
+        state["histogram"] += torch.bincount(visited[visited >= 0], minlength=T)
+        if len(state["timesteps"]) < 8:  # the first row of each batch: per-batch random plans differ there
+            state["timesteps"].append([int(v) for v in visited[0] if v >= 0])
+        if peak.megabytes is not None:
+            state["peak_mb"] = max(state["peak_mb"] or 0.0, peak.megabytes)
+        _save(state, partial_path)
+        if bar is not None:
+            bar.update(size)
+    if bar is not None:
+        bar.close()
+    return state
+
+
+def _film(model, schedule, spec: RunSpec, config: CompareConfig, device: torch.device) -> list[tuple[int, Tensor]]:
+    """The state x after every step for the first ``film_samples`` samples of batch 0."""
+    noise_gen, step_gen = _batch_generators(config.seed, 0)
+    shape = tuple(model.sample_shape)
+    x_T = torch.randn((config.batch_size, *shape), generator=noise_gen)[: config.film_samples].to(device)
+    states: list[Tensor] = []
+    sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend)
+    _, stats = sampler.sample(x_T, get_policy(spec.policy), budget=spec.budget, generator=step_gen,
+                              callback=lambda k, t, x: states.append(x.detach().float().cpu().clone()))
+    after = stats.timesteps[0, 1:].tolist()  # the timestep each frame has reached (−1: clean)
+    return [(max(int(t), 0), x) for t, x in zip(after, states)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _evaluate(images: Tensor, reference: Tensor, config: CompareConfig, extractor: str,
+              classifier: torch.nn.Module | None, progress: bool) -> dict[str, Any]:
+    from stepdrop import metrics
+
+    features = metrics.extract_features(images, extractor=extractor, progress=progress)
+    n = features.shape[0]
+    out: dict[str, Any] = {"fid": metrics.fid(features, reference), "fid_ci": None}
+    if config.bootstrap:
+        out["fid_ci"] = list(metrics.fid_bootstrap(features, reference, resamples=config.bootstrap, seed=config.seed))
+    out["kid"], out["kid_std"] = metrics.kid(features, reference, subsets=config.kid_subsets,
+                                            subset_size=min(1000, n, reference.shape[0]), seed=config.seed)
+    if n > 3 and reference.shape[0] > 3:
+        out["precision"], out["recall"] = metrics.precision_recall(features, reference[:n])
+    else:
+        out["precision"] = out["recall"] = None
+    out["classifier_score"] = None
+    if classifier is not None:
+        from stepdrop.classifier import classifier_score, predict_probs
+
+        out["classifier_score"] = classifier_score(predict_probs(classifier, images.float() / 127.5 - 1))
+    return out
+
+
+def _cell_row(spec: RunSpec, n: int, state: dict[str, Any], gflops: float, config: CompareConfig,
+              sampler_eta: float) -> dict[str, Any]:
+    nfe = state["nfe"].double()
+    overhead_per_sample = state["overhead_samples"] / n
+    return dict(
+        label=spec.label, solver=spec.solver, policy=spec.policy, budget=spec.budget, eta=sampler_eta,
+        reference=spec.label in config.references, num_samples=n, seed=config.seed, batch_size=config.batch_size,
+        nfe_mean=float(nfe.mean()), nfe_min=int(state["nfe"].min()), nfe_max=int(state["nfe"].max()),
+        overhead_calls=int(state["overhead_calls"]), overhead_samples=int(state["overhead_samples"]),
+        model_calls=int(state["model_calls"]),
+        gflops_per_sample=gflops * (float(nfe.mean()) + overhead_per_sample),
+        evaluated_gflops_per_sample=gflops * (state["evaluated_samples"] + state["overhead_samples"]) / n,
+        images_per_second=n / state["wall"] if state["wall"] > 0 else None, wall_time_s=state["wall"],
+        peak_memory_mb=state["peak_mb"], timesteps=state["timesteps"],
+        timestep_histogram=state["histogram"].tolist(),
+    )
+
+
+def run_compare(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    config: CompareConfig,
+    out: str | Path,
+    *,
+    model_name: str = "",
+    command: str = "",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) the comparison into ``out``; returns the report dict (schema in
+    :mod:`stepdrop.report`)."""
+    from stepdrop import metrics, report
+
+    out = ensure_writable_folder(out)
+    device = model_device_dtype(model)[0]
+    extractor = config.extractor or metrics.default_extractor()
+    specs = cell_specs(config)
+    gflops = gflops_per_call(model)
+    log(f"{len(specs)} cells, {config.num_samples} samples each (unless @n), {gflops:.3f} GFLOPs per model call")
+    reference = metrics.reference_features(config.dataset, config.ref_split, config.ref_samples, extractor=extractor,
+                                           cache_dir=config.cache_dir, data_root=config.data_root, progress=progress)
+    classifier = None
+    if config.dataset == "fashion-mnist" and tuple(model.sample_shape)[0] == 1:
+        from stepdrop.classifier import load_classifier
+
+        classifier = load_classifier()
+    meta = dict(
+        model=model_name, dataset=config.dataset,
+        reference=dict(split=config.ref_split, num_images=int(reference.shape[0]), extractor=extractor),
+        seed=config.seed, num_samples=config.num_samples, clip=config.clip, device=_device_name(device),
+        torch=str(torch.__version__), gflops_per_call=gflops, command=command,
+        interval=(f"95 % bootstrap over the generated samples ({config.bootstrap} resamples, percentile spread "
+                  f"re-centred on the estimate, "
+                  f"reference set fixed)" if config.bootstrap else "none"),
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+    )
+    cells_dir = out / "cells"
+    rows: list[dict[str, Any]] = []
+    grids: dict[str, Tensor] = {}
+    sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=model_name,
+                      T=schedule.num_timesteps)
+    metric_key = dict(extractor=extractor, ref_split=config.ref_split, ref_samples=int(reference.shape[0]),
+                      bootstrap=config.bootstrap, kid_subsets=config.kid_subsets, dataset=config.dataset)
+    for spec in specs:
+        n = spec.num_samples or config.num_samples
+        key = dict(sample_key, label=spec.label, num_samples=n)
+        path = cells_dir / f"{_safe(spec.label)}.pt"
+        done = _load(path)
+        if done is None or done.get("key") != key:
+            state = _sample_cell(model, schedule, spec, n, config, device, cells_dir / f"{_safe(spec.label)}.partial.pt",
+                                 key, progress)
+            done = dict(key=key, state=state, metric_key=None, metrics=None)
+            _save(done, path)
+            (cells_dir / f"{_safe(spec.label)}.partial.pt").unlink(missing_ok=True)
+        if done.get("metric_key") != metric_key:
+            done["metrics"] = _evaluate(done["state"]["images"], reference, config, extractor, classifier, progress)
+            done["metric_key"] = metric_key
+            _save(done, path)
+        eta = 1.0 if spec.solver == "ddpm" else 0.0
+        row = _cell_row(spec, n, done["state"], gflops, config, eta)
+        row.update(done["metrics"])
+        rows.append(row)
+        if config.grid_samples:
+            grids[spec.label] = done["state"]["images"][: config.grid_samples].float() / 127.5 - 1
+        log(f"{spec.label:<22} NFE {row['nfe_mean']:6.2f}  FID {row['fid']:7.2f}  "
+            f"{row['images_per_second'] or 0:7.2f} img/s")
+        _write(report, dict(meta=meta, cells=rows), out, grids, None, None)
+    film = _film_report(model, schedule, config, specs, device, cells_dir)
+    full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
+    _write(report, full, out, grids, *film)
+    return full
+
+
+def _film_report(model, schedule, config, specs, device, cells_dir) -> tuple[list | None, str | None]:
+    if not config.film_samples:
+        return None, None
+    label = config.film_label
+    if label is None:
+        at_25 = [s for s in specs if s.budget == 25 and s.label not in config.references]
+        label = (at_25 or specs)[0].label
+    matches = [s for s in specs if s.label == label]
+    if not matches:
+        raise ValueError(f"film_label {label!r} is not a cell of the grid: {[s.label for s in specs]}")
+    path = cells_dir / f"film_{_safe(label)}.pt"
+    saved = _load(path)
+    if saved is None or saved.get("key") != dict(seed=config.seed, n=config.film_samples, clip=config.clip):
+        frames = _film(model, schedule, matches[0], config, device)
+        saved = dict(key=dict(seed=config.seed, n=config.film_samples, clip=config.clip),
+                     steps=[t for t, _ in frames], frames=torch.stack([x for _, x in frames]))
+        _save(saved, path)
+    return list(zip(saved["steps"], saved["frames"])), label
+
+
+def _write(report_module, rep: dict[str, Any], out: Path, grids: dict[str, Tensor], frames, film_label) -> None:
+    report_module.write_report(rep, out)
+    report_module.plot_cost_curves(rep, out)
+    budgets = sorted({c["budget"] for c in rep["cells"] if not c["reference"]})
+    if budgets:
+        report_module.plot_timestep_barcode(rep, out, budget=25 if 25 in budgets else budgets[0])
+    if grids:
+        report_module.plot_sample_grid(grids, out)
+    if frames:
+        report_module.plot_film_strip(frames, out, film_label)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as typed, for the report."""
+    return "stepdrop " + shlex.join(list(argv if argv is not None else sys.argv[1:]))

