@@ -188,6 +188,43 @@ def _budget_lines(cells: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _target_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """The evaluation issue's targets, checked on this report's numbers (met / not met /
+    not measured): a policy at 25 calls with FID ≤ uniform DDIM-50; one at 10 calls with
+    FID ≤ uniform DDIM-20; one policy better than uniform DDIM at every budget by more than
+    the interval (its upper bound below uniform's lower bound)."""
+    scored = [c for c in cells if not c.get("reference") and _is_number(c.get("fid"))]
+    uniform = {int(c["budget"]): c for c in scored if _is_uniform_ddim(c)}
+    lines = []
+    for low, high in ((25, 50), (10, 20)):
+        rivals = [c for c in scored if int(c["budget"]) == low and not _is_uniform_ddim(c)]
+        if high not in uniform or not rivals:
+            lines.append(f"- A policy at {low} calls with FID ≤ uniform DDIM-{high}: not measured in this report.")
+            continue
+        best = min(rivals, key=lambda c: float(c["fid"]))
+        met = float(best["fid"]) <= float(uniform[high]["fid"])
+        lines.append(f"- A policy at {low} calls with FID ≤ uniform DDIM-{high} ({_fid_text(uniform[high])}): "
+                     f"{'met' if met else 'not met'} — best at {low} is `{best['label']}`, FID {_fid_text(best)}.")
+    budgets = sorted(uniform)
+    by_policy: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for c in scored:
+        if not _is_uniform_ddim(c):
+            by_policy[(c["policy"], c["solver"])][int(c["budget"])] = c
+    winners = []
+    for (policy, solver), row in sorted(by_policy.items()):
+        if budgets and all(b in row for b in budgets):
+            ok = all(_ci(row[b]) and _ci(uniform[b]) and _ci(row[b])[1] < _ci(uniform[b])[0] for b in budgets)
+            if ok:
+                winners.append(f"{solver}:{policy}")
+    if not budgets or not by_policy:
+        lines.append("- A policy better than uniform DDIM at every budget by more than the interval: not measured.")
+    else:
+        lines.append("- A policy better than uniform DDIM at every budget "
+                     f"({', '.join(map(str, budgets))}) by more than the interval: "
+                     + (f"met by {', '.join(f'`{w}`' for w in winners)}." if winners else "not met."))
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md's text: the run's meta, the metrics table (sorted by policy, then budget), a
     best-by-FID line per budget, the FID bias note, and each deterministic plan's timesteps."""
@@ -234,6 +271,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if budget_lines:
             lines += ["## Best policy per budget", "", *budget_lines, "",
                       f"\"separated\": the two {level} intervals do not overlap; \"within the interval\": they do.", ""]
+        lines += ["## Targets", "", *_target_lines(cells), ""]
     lines += [
         f"**Note**: FID computed from {meta.get('num_samples', 'N')} samples is biased upward (it falls as the "
         "sample count grows); compare FIDs only between cells with the same number of samples.",

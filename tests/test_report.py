@@ -204,3 +204,29 @@ def test_empty_report(tmp_path):
         assert list(csv.reader(f)) == [list(REPORT_COLUMNS)]
     assert plot_cost_curves(report, tmp_path) == []
     assert plot_timestep_barcode(report, tmp_path) is None
+
+
+def _scored(policy, budget, fid, ci, solver="ddim"):
+    return dict(label=f"{solver}:{policy}-{budget}", solver=solver, policy=policy, budget=budget, reference=False,
+                fid=fid, fid_ci=ci)
+
+
+def test_targets_are_checked_from_the_numbers():
+    from stepdrop.report import _target_lines
+
+    cells = [
+        _scored("uniform", 10, 50.0, [48, 52]), _scored("uniform", 20, 40.0, [38, 42]),
+        _scored("uniform", 25, 35.0, [33, 37]), _scored("uniform", 50, 30.0, [28, 32]),
+        _scored("quadratic", 10, 39.0, [37, 41]), _scored("quadratic", 20, 30.0, [29, 31]),
+        _scored("quadratic", 25, 29.0, [28, 30]), _scored("quadratic", 50, 27.0, [26, 27.5]),
+        _scored("stepdrop", 10, 60.0, [55, 65]), _scored("stepdrop", 25, 36.0, [30, 40]),
+    ]
+    lines = _target_lines(cells)
+    assert "met — best at 25 is `ddim:quadratic-25`" in lines[0]
+    assert "met — best at 10 is `ddim:quadratic-10`" in lines[1]
+    assert lines[2].endswith("met by `ddim:quadratic`.")
+    # quadratic-50's interval touching uniform's: no longer "more than the interval"
+    cells[7] = _scored("quadratic", 50, 29.0, [28, 30])
+    assert _target_lines(cells)[2].endswith("not met.")
+    assert "not met" in _target_lines([*cells[:4], _scored("stepdrop", 25, 31.0, [30, 32])])[0]
+    assert "not measured" in _target_lines(cells[:1])[0]
