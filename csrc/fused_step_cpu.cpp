@@ -1,21 +1,17 @@
-// CPU fused step: one OpenMP loop over (sample, chunk of elements) work items, so a large
-// batch parallelises over samples and a small one over elements. Inner loops are plain
-// restrict loops with `omp simd`, vectorised by the compiler at -O3 (no -march needed).
+// CPU fused step: one OpenMP loop over (sample, chunk of elements) work items (cpu_parallel.h).
+// In plan mode the work item of each sample's first chunk also writes that sample's
+// bookkeeping (fused_step_common.h). Inner loops are plain restrict loops with `omp simd`,
+// vectorised by the compiler at -O3 (no -march needed).
 #include "fused_step_cpu.h"
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu_parallel.h"
 
 namespace stepdrop {
 namespace {
-
-constexpr int64_t kChunk = 1 << 14;              // elements per work item
-constexpr int64_t kParallelThreshold = 1 << 16;  // total elements below which we stay serial
 
 template <typename T, bool kNoise, bool kX0>
 void update_span(const T* __restrict x, const T* __restrict e, const T* __restrict z, T* __restrict out,
@@ -40,16 +36,14 @@ void run(const FusedStepParams& p) {
   T* out = static_cast<T*>(p.x_next);
   T* x0 = static_cast<T*>(p.x0_out);
   const int64_t n = p.numel_per_sample;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  // at least one work item per sample: one with no elements still has its plan bookkeeping
+  const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
   const int64_t work = p.batch * chunks;
   const T inf = std::numeric_limits<T>::infinity();
   const T lo = p.clip > 0.0 ? T(-p.clip) : -inf;
   const T hi = p.clip > 0.0 ? T(p.clip) : inf;
-  int threads = 1;
-#ifdef _OPENMP
-  threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-#endif
-  const bool parallel = threads > 1 && work > 1 && p.batch * n >= kParallelThreshold;
+  const int threads = cpu_threads(p.num_threads);
+  const bool parallel = run_parallel(threads, work, p.batch * n);
 
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
   for (int64_t w = 0; w < work; ++w) {
@@ -57,13 +51,16 @@ void run(const FusedStepParams& p) {
     const int64_t begin = (w % chunks) * kChunk;
     const int64_t len = std::min(kChunk, n - begin);
     const int64_t off = b * n + begin;
-    if (p.active != nullptr && !p.active[b]) {  // masked sample: x_next = x̂0 = x
+    const SampleStep st = sample_step(p, b);
+    if (begin == 0) plan_bookkeeping(p, b, st);  // once per sample: its first chunk
+    if (len <= 0) continue;
+    if (!st.live) {  // masked sample: x_next = x̂0 = x
       std::memcpy(out + off, x + off, sizeof(T) * len);
       if constexpr (kX0) std::memcpy(x0 + off, x + off, sizeof(T) * len);
       continue;
     }
     const StepCoef<T> c =
-        cast_coef<T>(step_coefficients(p.alphas_cumprod, p.num_alphas, p.t[b], p.s[b], p.solver, p.eta));
+        cast_coef<T>(step_coefficients(p.alphas_cumprod, p.num_alphas, st.t, st.s, p.solver, p.eta));
     update_span<T, kNoise, kX0>(x + off, e + off, kNoise ? z + off : nullptr, out + off, kX0 ? x0 + off : nullptr,
                                 len, c, lo, hi);
   }
@@ -71,7 +68,7 @@ void run(const FusedStepParams& p) {
 
 template <typename T>
 void dispatch(const FusedStepParams& p) {
-  if (p.batch <= 0 || p.numel_per_sample <= 0) return;
+  if (!has_work(p)) return;
   const bool noise = p.noise != nullptr;
   const bool x0 = p.x0_out != nullptr;
   if (noise && x0) return run<T, true, true>(p);

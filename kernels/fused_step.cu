@@ -1,7 +1,8 @@
 // CUDA fused step. Grid: x over the elements of a sample (grid-stride), y over samples
 // (grid-stride beyond 65535). Thread 0 of each block gathers its sample's coefficients
 // from the ᾱ table into shared memory; masked samples are copied through. When the rows
-// allow it, each thread moves 16 bytes at a time (float4 / double2).
+// allow it, each thread moves 16 bytes at a time (float4 / double2). In plan mode thread 0
+// of block x = 0 also writes the sample's bookkeeping, so each sample's is written once.
 #include <cstdint>
 #include <limits>
 
@@ -27,9 +28,10 @@ __global__ void __launch_bounds__(kMaxThreads) fused_step_kernel(const FusedStep
   const int64_t nv = p.numel_per_sample / W;  // packs per sample (W divides N here)
   for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
     if (threadIdx.x == 0) {
-      live = p.active == nullptr || p.active[b];
-      if (live)
-        coef = cast_coef<T>(step_coefficients(p.alphas_cumprod, p.num_alphas, p.t[b], p.s[b], p.solver, p.eta));
+      const SampleStep st = sample_step(p, b);
+      live = st.live;
+      if (live) coef = cast_coef<T>(step_coefficients(p.alphas_cumprod, p.num_alphas, st.t, st.s, p.solver, p.eta));
+      if (blockIdx.x == 0) plan_bookkeeping(p, b, st);
     }
     __syncthreads();
     const P* x = static_cast<const P*>(p.x) + b * nv;
@@ -66,9 +68,10 @@ __global__ void __launch_bounds__(kMaxThreads) fused_step_kernel(const FusedStep
 template <typename T, int W, bool kNoise, bool kX0>
 cudaError_t launch(const FusedStepParams& p, cudaStream_t stream) {
   const int64_t nv = p.numel_per_sample / W;
-  const int64_t warps = (nv + 31) / 32;
+  // at least one warp and one block per sample: a sample with no elements still has its bookkeeping
+  const int64_t warps = nv > 32 ? (nv + 31) / 32 : 1;
   const int threads = static_cast<int>(warps * 32 < kMaxThreads ? warps * 32 : kMaxThreads);
-  const int64_t bx = (nv + threads - 1) / threads;
+  const int64_t bx = nv > threads ? (nv + threads - 1) / threads : 1;
   const dim3 grid(static_cast<unsigned>(bx < kMaxBlocksX ? bx : kMaxBlocksX),
                   static_cast<unsigned>(p.batch < kMaxBlocksY ? p.batch : kMaxBlocksY));
   const T inf = std::numeric_limits<T>::infinity();
@@ -92,7 +95,7 @@ bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uint
 
 template <typename T>
 cudaError_t dispatch(const FusedStepParams& p, cudaStream_t stream) {
-  if (p.batch <= 0 || p.numel_per_sample <= 0) return cudaSuccess;
+  if (!has_work(p)) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = p.numel_per_sample % kVec == 0 && aligned16(p.x) && aligned16(p.eps) && aligned16(p.noise) &&
                    aligned16(p.x_next) && aligned16(p.x0_out);

@@ -92,10 +92,13 @@ def _fmt(bound: float | None, unbounded: str) -> str:
     return unbounded if bound is None else str(bound)
 
 
-def model_device_dtype(model: object) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a model's first parameter (CPU float32 for parameter-free callables)."""
+def model_device_dtype(
+    model: object, *, default_device: torch.device | None = torch.device("cpu")
+) -> tuple[torch.device | None, torch.dtype]:
+    """Device and dtype of a model's first parameter; for a parameter-free callable
+    (``default_device``, float32): pass ``default_device=None`` to tell such a model apart."""
     try:
         p = next(model.parameters())  # type: ignore[attr-defined]
         return p.device, p.dtype
     except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu"), torch.float32
+        return default_device, torch.float32

@@ -19,15 +19,12 @@ import sys
 if __name__ == "__main__":  # the interpreter subprocess: before anything can import triton
     os.environ["TRITON_INTERPRET"] = "1"
 
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
 from stepdrop.ops import available_backends, fused_step, resolve_backend, triton_step
 from stepdrop.ops.reference import CLEAN, fused_step_reference
-from backend_cases import T, as_f64, assert_matches_reference, make_case, table
+from backend_cases import T, as_f64, assert_matches_reference, interpreter_results, make_case, table
 
 SOLVERS = [("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("ddpm", 0.0)]
 SHAPES = [(1,), (7, 5, 3), (3, 32, 32), (5, 13, 17)]  # 1 element; odd; 3 full blocks; 2 blocks with a tail
@@ -147,13 +144,7 @@ def _interpreter_main(path: str) -> None:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Outputs of every CPU case, computed under TRITON_INTERPRET=1 in a fresh process."""
-    if not triton_step.triton_importable():
-        pytest.skip("triton is not installed")
-    path = tmp_path_factory.mktemp("triton") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(path, weights_only=False)
+    return interpreter_results(__file__, tmp_path_factory)
 
 
 @pytest.mark.parametrize("cid", list(CPU_CASES))

@@ -1,7 +1,10 @@
 """Fused sampling ops behind one contract, dispatched to a backend.
 
-``fused_step`` validates its inputs here, at the Python boundary, before any kernel runs;
-backends receive checked tensors and never read out of bounds. The torch reference
+Ops: ``fused_step`` (one transition t → s per sample), ``fused_plan_step`` (step k of a
+per-sample plan, with the loop's bookkeeping in the same launch) and ``grad_probe`` (the
+per-sample ‖J v‖/‖v‖ reduction of the gradient-aware policy). Each validates its inputs
+here, at the Python boundary (:mod:`stepdrop.ops._inputs`), before any kernel runs; backends
+receive checked tensors and never read out of bounds. The torch reference
 (:mod:`stepdrop.ops.reference`) is the specification every backend is tested against.
 
 Backends: "torch" (reference, any device), "cpu" (the C++ extension ``stepdrop._C``, CPU
@@ -16,25 +19,56 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stepdrop._validation import check_choice, check_float, check_same_device, check_tensor
+from stepdrop._validation import check_choice
 from stepdrop.ops import _native, triton_step
-from stepdrop.ops.reference import CLEAN, SOLVERS, fused_step_reference, predict_x0, q_sample, step_coefficients
+from stepdrop.ops._inputs import FLOAT_DTYPES, validate_plan_step_inputs, validate_probe_inputs, validate_step_inputs
+from stepdrop.ops.reference import (
+    CLEAN,
+    SOLVERS,
+    fused_plan_step_reference,
+    fused_step_reference,
+    grad_norm_probe,
+    predict_x0,
+    q_sample,
+    step_coefficients,
+)
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
-FLOAT_DTYPES = (torch.float32, torch.float64)
 
 __all__ = [
     "BACKENDS",
     "CLEAN",
     "SOLVERS",
     "available_backends",
+    "fused_plan_step",
+    "fused_plan_step_reference",
     "fused_step",
     "fused_step_reference",
+    "grad_probe",
     "predict_x0",
     "q_sample",
     "resolve_backend",
     "step_coefficients",
 ]
+
+_IMPLS = {
+    "fused_step": dict(
+        torch=fused_step_reference,
+        cpu=_native.fused_step,
+        cuda=_native.fused_step,
+        triton=triton_step.fused_step_triton,
+    ),
+    "fused_plan_step": dict(
+        torch=fused_plan_step_reference,
+        cpu=_native.fused_plan_step,
+        cuda=_native.fused_plan_step,
+        triton=triton_step.fused_plan_step_triton,
+    ),
+    "grad_probe": dict(
+        torch=grad_norm_probe, cpu=_native.grad_probe, cuda=_native.grad_probe, triton=triton_step.grad_probe_triton
+    ),
+}
+"""The one dispatch table: op → concrete backend → implementation (validated inputs in)."""
 
 
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
@@ -98,73 +132,64 @@ def fused_step(
 
 def _dispatch(name: str, x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, s: Tensor, **kwargs):
     """Run the fused step on the concrete backend ``name`` (from :func:`resolve_backend`) with
-    validated inputs; the one dispatch table, shared with :class:`stepdrop.FusedSampler`."""
-    impl = {
-        "torch": fused_step_reference,
-        "cpu": _native.fused_step,
-        "cuda": _native.fused_step,
-        "triton": triton_step.fused_step_triton,
-    }[name]
-    return impl(x, eps, alphas_cumprod, t, s, **kwargs)
+    validated inputs; shared with :class:`stepdrop.FusedSampler`."""
+    return _IMPLS["fused_step"][name](x, eps, alphas_cumprod, t, s, **kwargs)
 
 
-def validate_step_inputs(
+def fused_plan_step(
     x: Tensor,
     eps: Tensor,
     alphas_cumprod: Tensor,
-    t: Tensor,
-    s: Tensor,
+    plan: Tensor,
+    k: int,
     *,
-    noise: Tensor | None,
-    active: Tensor | None,
-    solver: str,
-    eta: float,
-    clip: float | None,
-) -> None:
-    """All checks of :func:`fused_step`. Value checks on t, s and the ᾱ table (each entry in
-    (0, 1)) run only for CPU tensors, where they cost no device synchronisation; kernels clamp
-    indices regardless."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    check_tensor("eps", eps, dtypes=(x.dtype,))
-    if eps.shape != x.shape:
-        raise ValueError(f"eps must have the shape of x {tuple(x.shape)}, got {tuple(eps.shape)}")
-    if noise is not None:
-        check_tensor("noise", noise, dtypes=(x.dtype,))
-        if noise.shape != x.shape:
-            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
-    check_tensor("alphas_cumprod", alphas_cumprod, dtypes=FLOAT_DTYPES, ndim=1)
-    if alphas_cumprod.numel() < 2:
-        raise ValueError(f"alphas_cumprod must have at least 2 entries, got {alphas_cumprod.numel()}")
-    if alphas_cumprod.device.type == "cpu":
-        # one pass over a [T] table: ᾱ = 1 gives 0/0 in the coefficients, ᾱ ≤ 0 or NaN a NaN sample
-        inside = (alphas_cumprod > 0) & (alphas_cumprod < 1)  # NaN fails both comparisons
-        if not bool(inside.all()):
-            i = int((~inside).nonzero()[0])
-            raise ValueError(
-                f"alphas_cumprod must be finite and each in the open interval (0, 1), "
-                f"got alphas_cumprod[{i}] = {float(alphas_cumprod[i])}"
-            )
-    batch = x.shape[0]
-    for name, idx in (("t", t), ("s", s)):
-        check_tensor(name, idx, dtypes=(torch.int64,), ndim=1)
-        if idx.numel() != batch:
-            raise ValueError(f"{name} must have one entry per sample ({batch}), got {idx.numel()}")
-    if active is not None:
-        check_tensor("active", active, dtypes=(torch.bool,), ndim=1)
-        if active.numel() != batch:
-            raise ValueError(f"active must have one entry per sample ({batch}), got {active.numel()}")
-    check_same_device(x=x, eps=eps, alphas_cumprod=alphas_cumprod, t=t, s=s, noise=noise, active=active)
-    check_choice("solver", solver, SOLVERS)
-    check_float("eta", eta, low=0.0, high=1.0)
-    if clip is not None:
-        check_float("clip", clip, low=0.0, low_open=True)
-    if noise is None and (solver == "ddpm" or eta > 0):
-        raise ValueError(f"noise is required for solver={solver!r} with eta={eta} (the update adds σ·z)")
-    if x.device.type == "cpu" and batch > 0:
-        last = alphas_cumprod.numel() - 1
-        live = active if active is not None else torch.ones(batch, dtype=torch.bool)
-        tl, sl = t[live], s[live]
-        if tl.numel() and (tl.min() < 0 or tl.max() > last):
-            raise ValueError(f"t must be in [0, {last}] for active samples, got range [{int(tl.min())}, {int(tl.max())}]")
-        if sl.numel() and (sl.min() < CLEAN or (sl >= tl).any()):
-            raise ValueError(f"s must be in [{CLEAN}, t-1] for active samples ({CLEAN} = clean data)")
+    noise: Tensor | None = None,
+    solver: str = "ddim",
+    eta: float = 0.0,
+    clip: float | None = None,
+    nfe: Tensor | None = None,
+    t_next: Tensor | None = None,
+    active_next: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Step k of a per-sample plan in one launch: the update of :func:`fused_step` with
+    t = plan[:, k], s = plan[:, k+1], active = t ≥ 0, and the loop's bookkeeping (nfe += active,
+    t_next = max(plan[:, k+1], 0), active_next = plan[:, k+1] ≥ 0) written by the same kernel;
+    see :func:`stepdrop.ops.reference.fused_plan_step_reference`.
+
+    ``k`` is a Python int in [0, L−2], passed to the kernel as an argument: nothing is read
+    back from the device, and a captured CUDA graph replays each step with its own k. ``plan``
+    may have any strides (an expanded shared plan is read in place); ``nfe``, ``t_next`` and
+    ``active_next`` must be contiguous (they are written in place) and share no memory with
+    ``plan`` or each other. Raises ``TypeError``/``ValueError`` naming the argument on any
+    malformed input.
+    """
+    k = validate_plan_step_inputs(x, eps, alphas_cumprod, plan, k, noise=noise, solver=solver, eta=eta, clip=clip,
+                                  nfe=nfe, t_next=t_next, active_next=active_next)  # fmt: skip
+    kwargs = dict(noise=noise, solver=solver, eta=eta, clip=clip, nfe=nfe, t_next=t_next, active_next=active_next)
+    return _dispatch_plan_step(resolve_backend(backend, x.device), x, eps, alphas_cumprod, plan, k, **kwargs)
+
+
+def _dispatch_plan_step(name: str, x: Tensor, eps: Tensor, alphas_cumprod: Tensor, plan: Tensor, k: int, **kwargs):
+    """:func:`fused_plan_step` on the concrete backend ``name`` with validated inputs."""
+    return _IMPLS["fused_plan_step"][name](x, eps, alphas_cumprod, plan, k, **kwargs)
+
+
+def grad_probe(eps_probe: Tensor, eps: Tensor, v: Tensor, step: float, *, backend: str = "auto") -> Tensor:
+    """Per-sample sensitivity ‖ε(x + h·v) − ε(x)‖/(h·‖v‖) in one launch; see
+    :func:`stepdrop.ops.reference.grad_norm_probe`.
+
+    Args:
+        eps_probe: ε(x + h·v), [B, ...], float32, float64, float16 or bfloat16.
+        eps: ε(x), the shape and dtype of ``eps_probe``.
+        v: the probe direction, the shape and dtype of ``eps``.
+        step: h > 0.
+        backend: one of :data:`BACKENDS`.
+
+    Returns:
+        [B], float64 for float64 input, else float32 (the sums are taken in that dtype; the
+        compiled backends add each sample's elements in a fixed order, so equal inputs give
+        equal results).
+    """
+    step = validate_probe_inputs(eps_probe, eps, v, step)
+    return _IMPLS["grad_probe"][resolve_backend(backend, eps.device)](eps_probe, eps, v, step)

@@ -1,8 +1,8 @@
 """Thin wrapper around the compiled extension ``stepdrop._C``.
 
 The package works without it (torch backend) and says so in one warning line. Inputs reach
-this module already validated by :func:`stepdrop.ops.validate_step_inputs`; here they are
-only made contiguous and handed over.
+this module already validated (:mod:`stepdrop.ops._inputs`); here they are only made
+contiguous and handed over.
 """
 
 from __future__ import annotations
@@ -53,21 +53,75 @@ def fused_step(
     return_x0: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Native fused step; same contract as :func:`stepdrop.ops.reference.fused_step_reference`."""
-    if _C is None:
-        raise RuntimeError(f"stepdrop._C is not available: {IMPORT_ERROR}")
+    _require()
     x = x.contiguous()
     x0 = torch.empty_like(x) if return_x0 else None
     x_next = _C.fused_step(
         x,
         eps.contiguous(),
-        alphas_cumprod.to(torch.float64).contiguous(),
+        _table(alphas_cumprod),
         t.contiguous(),
         s.contiguous(),
-        None if noise is None else noise.contiguous(),
-        None if active is None else active.contiguous(),
-        SOLVERS.index(solver),
-        float(eta),
-        0.0 if clip is None else float(clip),
+        _contiguous(noise),
+        _contiguous(active),
+        *_scalars(solver, eta, clip),
         x0,
     )
     return (x_next, x0) if return_x0 else x_next
+
+
+def fused_plan_step(
+    x: Tensor,
+    eps: Tensor,
+    alphas_cumprod: Tensor,
+    plan: Tensor,
+    k: int,
+    *,
+    noise: Tensor | None,
+    solver: str,
+    eta: float,
+    clip: float | None,
+    nfe: Tensor | None,
+    t_next: Tensor | None,
+    active_next: Tensor | None,
+) -> Tensor:
+    """Native plan step; same contract as :func:`stepdrop.ops.reference.fused_plan_step_reference`.
+    The plan is read through its strides (no copy); the outputs are contiguous (validated)."""
+    _require()
+    return _C.fused_plan_step(
+        x.contiguous(),
+        eps.contiguous(),
+        _table(alphas_cumprod),
+        plan,
+        int(k),
+        _contiguous(noise),
+        *_scalars(solver, eta, clip),
+        nfe,
+        t_next,
+        active_next,
+    )
+
+
+def grad_probe(eps_probe: Tensor, eps: Tensor, v: Tensor, step: float) -> Tensor:
+    """Native probe; same contract as :func:`stepdrop.ops.reference.grad_norm_probe`."""
+    _require()
+    return _C.grad_probe(eps_probe.contiguous(), eps.contiguous(), v.contiguous(), float(step))
+
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError(f"stepdrop._C is not available: {IMPORT_ERROR}")
+
+
+def _table(alphas_cumprod: Tensor) -> Tensor:
+    """The ᾱ table as the kernels read it: float64, contiguous."""
+    return alphas_cumprod.to(torch.float64).contiguous()
+
+
+def _contiguous(v: Tensor | None) -> Tensor | None:
+    return None if v is None else v.contiguous()
+
+
+def _scalars(solver: str, eta: float, clip: float | None) -> tuple[int, float, float]:
+    """(solver code, η, clip) as the binding takes them; clip 0 means no clipping."""
+    return SOLVERS.index(solver), float(eta), 0.0 if clip is None else float(clip)

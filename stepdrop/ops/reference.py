@@ -160,14 +160,69 @@ def fused_step_reference(
     return (x_next, x0.to(x.dtype)) if return_x0 else x_next
 
 
+def fused_plan_step_reference(
+    x: Tensor,
+    eps: Tensor,
+    alphas_cumprod: Tensor,
+    plan: Tensor,
+    k: int,
+    *,
+    noise: Tensor | None = None,
+    solver: str = "ddim",
+    eta: float = 0.0,
+    clip: float | None = None,
+    nfe: Tensor | None = None,
+    t_next: Tensor | None = None,
+    active_next: Tensor | None = None,
+) -> Tensor:
+    """Step k of a per-sample plan, with the sampling loop's bookkeeping.
+
+    Per sample b: t = plan[b, k], s = plan[b, k+1], active = t ≥ 0, and
+    x_next = :func:`fused_step_reference` (x, eps, alphas_cumprod, t, s, active=active, …):
+    finished samples (t = :data:`CLEAN`) pass through bit for bit.
+
+    Args:
+        x, eps, alphas_cumprod, noise, solver, eta, clip: as in :func:`fused_step_reference`.
+        plan: int64 [B, L]; each row strictly decreasing model-call timesteps in [0, T−1],
+            then :data:`CLEAN`, padded with CLEAN (a row may finish early).
+        k: the loop step, in [0, L−2].
+        nfe: int64 [B] model-call counter, updated in place: nfe[b] += active.
+        t_next: int64 [B], written: max(plan[b, k+1], 0), the timestep of the next model call
+            (clamped so that a finished sample indexes a valid embedding).
+        active_next: bool [B], written: plan[b, k+1] ≥ 0.
+
+    Returns:
+        x_next in the dtype of ``x``.
+    """
+    t, s = plan[:, k], plan[:, k + 1]
+    active = t >= 0
+    x_next = fused_step_reference(x, eps, alphas_cumprod, t, s, noise=noise, active=active, solver=solver, eta=eta,
+                                  clip=clip)  # fmt: skip
+    if nfe is not None:
+        nfe.add_(active.to(nfe.dtype))
+    if t_next is not None:
+        t_next.copy_(s.clamp(min=0))
+    if active_next is not None:
+        active_next.copy_(s >= 0)
+    return x_next
+
+
 def grad_norm_probe(eps_probe: Tensor, eps: Tensor, v: Tensor, step: float) -> Tensor:
-    """Hutchinson-style sensitivity per sample: ‖J v‖/‖v‖ with J v ≈ (ε(x + h·v) − ε(x))/h.
+    """Hutchinson-style sensitivity per sample: ‖J v‖/‖v‖ with J v ≈ (ε(x + h·v) − ε(x))/h,
+    i.e. ‖ε_probe − ε‖/(h·‖v‖) over each sample's elements.
 
     For v ~ N(0, I), E‖J v‖² = ‖J‖_F², so this estimates the Jacobian's Frobenius norm over
-    √dim (AS-DDIM's g(t), seed 001 §3.2). Returns float32/float64 [B]."""
+    √dim (AS-DDIM's g(t), seed 001 §3.2). Computed in float32 for float32/float16/bfloat16
+    input, float64 for float64; returns float32/float64 [B]. The torch backend of
+    :func:`stepdrop.ops.grad_probe`."""
     compute = _compute_dtype(eps.dtype)
-    diff = (eps_probe.to(compute) - eps.to(compute)).flatten(1)
-    return diff.norm(dim=1) / (step * v.to(compute).flatten(1).norm(dim=1))
+    diff = _per_sample(eps_probe.to(compute) - eps.to(compute))
+    return diff.norm(dim=1) / (step * _per_sample(v.to(compute)).norm(dim=1))
+
+
+def _per_sample(v: Tensor) -> Tensor:
+    """[B, ...] as [B, elements of one sample] (a [B] tensor has one element per sample)."""
+    return v.flatten(1) if v.ndim > 1 else v.unsqueeze(1)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
