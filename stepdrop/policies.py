@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from stepdrop._validation import check_bool, check_choice, check_float, check_int, model_device_dtype
-from stepdrop.ops.reference import CLEAN, fused_step_reference, grad_norm_probe, predict_x0
+from stepdrop.ops import grad_probe
+from stepdrop.ops.reference import CLEAN, fused_step_reference, predict_x0
 from stepdrop.plan import StepPlan
 from stepdrop.schedule import NoiseSchedule
 
@@ -293,7 +294,7 @@ class GradientAware(StepPolicy):
                 v = torch.randn(x.shape, generator=gen).to(device, dtype)
                 eps_probe = model(x + self.fd_step * v, t)
                 calls += 2
-                g[k] = grad_norm_probe(eps_probe, eps, v, self.fd_step).mean().double().cpu()
+                g[k] = grad_probe(eps_probe, eps, v, self.fd_step).mean().double().cpu()  # fused, one launch
                 x = fused_step_reference(x, eps, table, t, s, solver="ddim")
         return pilot[:-1], g, calls
 
