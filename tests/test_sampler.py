@@ -33,9 +33,11 @@ def gen(seed: int) -> torch.Generator:
 
 class CountingModel(nn.Module):
     """eps = 0.1·w·x + 0.05·sin(t/100): element-wise, so every sample is computed on its own.
-    Records each call's timestep vector."""
+    Records each call's timestep vector (unless ``record`` is False: that copy is a host sync,
+    which a CUDA-graph capture refuses)."""
 
     sample_shape = SHAPE
+    record = True
 
     def __init__(self):
         super().__init__()
@@ -46,7 +48,8 @@ class CountingModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         assert t.dtype == torch.int64 and t.shape == (x.shape[0],)
         self.calls += 1
-        self.ts.append(t.detach().cpu().clone())
+        if self.record:
+            self.ts.append(t.detach().cpu().clone())
         return 0.1 * self.w * x + 0.05 * torch.sin(t.to(x.dtype) / 100).view(-1, *([1] * (x.ndim - 1)))
 
 
@@ -422,6 +425,8 @@ def test_bad_generator(bad):
         (dict(clip=0.0), ValueError, "clip"),
         (dict(clip=-1.0), ValueError, "clip"),
         (dict(check_finite=1), TypeError, "check_finite"),
+        (dict(cuda_graph=1), TypeError, "cuda_graph"),
+        (dict(cuda_graph="yes"), TypeError, "cuda_graph"),
     ],
 )
 def test_bad_sampler_arguments(kw, exc, match):
