@@ -5,7 +5,7 @@ Fewer model calls (step policies), cheaper calls (fused kernels), and counted co
     >>> from stepdrop import FusedSampler, NoiseSchedule, TinyUNet
 """
 
-from stepdrop.ops import BACKENDS, CLEAN, SOLVERS, available_backends, fused_step
+from stepdrop.ops import BACKENDS, CLEAN, SOLVERS, available_backends, fused_plan_step, fused_step, grad_probe
 from stepdrop.plan import StepPlan
 from stepdrop.policies import (
     POLICIES,
@@ -22,7 +22,7 @@ from stepdrop.policies import (
     Uniform,
     get_policy,
 )
-from stepdrop.sampler import FusedSampler, NonFiniteOutputError, SampleStats
+from stepdrop.sampler import CudaGraphError, FusedSampler, NonFiniteOutputError, SampleStats
 from stepdrop.schedule import NoiseSchedule
 from stepdrop.models import DiffusersUNetAdapter, TinyUNet, as_eps_model
 
@@ -36,6 +36,7 @@ __all__ = [
     "Adaptive",
     "Combined",
     "Cosine",
+    "CudaGraphError",
     "CustomTimesteps",
     "DiffusersUNetAdapter",
     "FusedSampler",
@@ -53,6 +54,8 @@ __all__ = [
     "Uniform",
     "as_eps_model",
     "available_backends",
+    "fused_plan_step",
     "fused_step",
     "get_policy",
+    "grad_probe",
 ]

@@ -130,6 +130,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each run's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_sample)
@@ -154,7 +156,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.clip < 0:
         raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
     results = run_specs(loaded.model, loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
-                        backend=args.backend, clip=args.clip or None, progress=not args.no_progress)
+                        backend=args.backend, clip=args.clip or None, progress=not args.no_progress,
+                        cuda_graph=args.cuda_graph)
     rows = []
     for spec, images, row in results:
         row["grid"] = str(save_grid(images, out / f"{_file_name(spec.label)}.png"))
@@ -225,6 +228,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each batch's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="compare", help="output folder (re-use it to resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_compare)
@@ -243,6 +248,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         references=tuple(r for r in args.references.split(",") if r.strip()),
         seed=args.seed, clip=args.clip or None, ref_split=args.ref_split, extractor=args.extractor,
         film_label=args.film, cache_dir=args.cache_dir, data_root=args.data_root, backend=args.backend,
+        cuda_graph=args.cuda_graph,
     )
     # a preset fills what the user left at its default; an explicit flag always wins
     for name, value in preset.items():

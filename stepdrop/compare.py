@@ -57,6 +57,7 @@ class CompareConfig:
     seed: int = 0
     clip: float | None = 1.0
     backend: str = "auto"
+    cuda_graph: bool = False
     dataset: str = "fashion-mnist"
     ref_split: str = "test"
     ref_samples: int = 10000
@@ -150,7 +151,8 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
         state = dict(key=key, images=torch.empty(0, *shape, dtype=torch.uint8), nfe=torch.empty(0, dtype=torch.int64),
                      model_calls=0, evaluated_samples=0, overhead_calls=0, overhead_samples=0, wall=0.0,
                      histogram=torch.zeros(T, dtype=torch.int64), timesteps=[], peak_mb=None)
-    sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend)
+    sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend,
+                           cuda_graph=config.cuda_graph)
     policy = get_policy(spec.policy)
     # warm-up at the timed batch size (allocator, thread pools), untimed
     sampler.sample(torch.randn(min(config.batch_size, n), *shape, device=device), "uniform", budget=1)
