@@ -265,7 +265,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     loaded = _load_model(args)
-    report = run_compare(loaded.model, loaded.schedule, config, args.out, model_name=loaded.path or str(args.model),
+    name = args.checkpoint or f"{Path(loaded.path).stem} (shipped with stepdrop)"
+    report = run_compare(loaded.model, loaded.schedule, config, args.out, model_name=name,
                          command=command_line(), progress=not args.no_progress)
     print(f"{len(report['cells'])} cells; report.md, report.json, report.csv and plots in {args.out}")
     return 0

@@ -19,6 +19,7 @@ rewritten after every cell, so a long run shows its progress.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
 import platform
 import shlex
@@ -288,7 +289,7 @@ def run_compare(
     cells_dir = out / "cells"
     rows: list[dict[str, Any]] = []
     grids: dict[str, Tensor] = {}
-    sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=model_name,
+    sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=_fingerprint(model),
                       T=schedule.num_timesteps)
     metric_key = dict(extractor=extractor, ref_split=config.ref_split, ref_samples=int(reference.shape[0]),
                       bootstrap=config.bootstrap, kid_subsets=config.kid_subsets, dataset=config.dataset)
@@ -320,6 +321,16 @@ def run_compare(
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
     _write(report, full, out, grids, *film)
     return full
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """A content hash of the model's weights and buffers: finished cells are reused only for
+    the same network, wherever its file lives."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _film_report(model, schedule, config, specs, device, cells_dir) -> tuple[list | None, str | None]:
