@@ -5,7 +5,8 @@ Every cell ``[solver:]policy-budget`` draws ``num_samples`` images in batches of
 ``batch_size``; batch i of every cell starts from the same initial noise x_T (seeded by
 (seed, i)) and uses its own generator, seeded the same way, for plans and per-step noise. A
 cell records its counted NFE (per sample), pilot calls, the wall time of the sampler calls
-(plan construction with any pilot run, and the loop; device synchronised, no I/O), images/s, peak GPU memory, the realised timesteps, then FID with a bootstrap
+(plan construction with any pilot run, and the loop; device synchronised, no I/O), images/s
+(from the median batch), peak GPU memory, the realised timesteps, then FID with a bootstrap
 interval, KID, precision/recall against a cached reference feature set, and the in-domain
 classifier score (Fashion-MNIST). GFLOPs per sample = GFLOPs per call × counted NFE.
 
@@ -151,7 +152,7 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
     state = _load(partial_path)
     if state is None or state.get("key") != key:
         state = dict(key=key, images=torch.empty(0, *shape, dtype=torch.uint8), nfe=torch.empty(0, dtype=torch.int64),
-                     model_calls=0, evaluated_samples=0, overhead_calls=0, overhead_samples=0, wall=0.0,
+                     model_calls=0, evaluated_samples=0, overhead_calls=0, overhead_samples=0, wall=0.0, batch_seconds=[],
                      histogram=torch.zeros(T, dtype=torch.int64), timesteps=[], peak_mb=None)
     sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend,
                            cuda_graph=config.cuda_graph)
@@ -181,6 +182,7 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
         for name in ("model_calls", "evaluated_samples", "overhead_calls", "overhead_samples"):
             state[name] += getattr(stats, name)
         state["wall"] += elapsed
+        state.setdefault("batch_seconds", []).append((size, elapsed))
         state["histogram"] += torch.bincount(visited[visited >= 0], minlength=T)
         if len(state["timesteps"]) < 8:  # the first row of each batch: per-batch random plans differ there
             state["timesteps"].append([int(v) for v in visited[0] if v >= 0])
@@ -243,10 +245,21 @@ def _cell_row(spec: RunSpec, n: int, state: dict[str, Any], gflops: float, confi
         model_calls=int(state["model_calls"]),
         gflops_per_sample=gflops * (float(nfe.mean()) + overhead_per_sample),
         evaluated_gflops_per_sample=gflops * (state["evaluated_samples"] + state["overhead_samples"]) / n,
-        images_per_second=n / state["wall"] if state["wall"] > 0 else None, wall_time_s=state["wall"],
+        images_per_second=_images_per_second(n, state), wall_time_s=state["wall"],
         peak_memory_mb=state["peak_mb"], timesteps=state["timesteps"],
         timestep_histogram=state["histogram"].tolist(),
     )
+
+
+def _images_per_second(n: int, state: dict[str, Any]) -> float | None:
+    """Images/s from the median batch (seconds per image): a load spike or a suspended
+    process in one batch does not move it. Cells stored before per-batch times were kept
+    fall back to all images ÷ the summed time."""
+    batches = state.get("batch_seconds") or []
+    if batches:
+        per_image = sorted(seconds / size for size, seconds in batches)
+        return 1.0 / per_image[len(per_image) // 2]
+    return n / state["wall"] if state["wall"] > 0 else None
 
 
 def run_compare(
