@@ -482,11 +482,11 @@ def _film_columns(count: int) -> list[int]:
 
 
 def plot_film_strip(frames: list[tuple[int, Tensor]], out_dir: str | os.PathLike, label: str) -> Path:
-    """``film_strip.png``: the x̂0 prediction through sampling. ``frames`` = [(t, x0 [n, C, H, W]
+    """``film_strip.png``: the state x_t through sampling. ``frames`` = [(t, x_t [n, C, H, W]
     in [−1, 1]), ...] in sampling order; one row per sample (the first four), one column per frame
     (at most ten, evenly spaced, the last always included), titled "t=…"."""
     if not frames:
-        raise ValueError("frames must hold at least one (timestep, x0) pair, got an empty list")
+        raise ValueError("frames must hold at least one (timestep, x_t) pair, got an empty list")
     chosen = [frames[i] for i in _film_columns(len(frames))]
     images = [(int(t), _as_images(x[:_MAX_FILM_ROWS], f"frame at t={int(t)}")) for t, x in chosen]
     n = min(len(x) for _, x in images)
@@ -498,5 +498,5 @@ def plot_film_strip(frames: list[tuple[int, Tensor]], out_dir: str | os.PathLike
             _show(ax, x[r])
             if r == 0:
                 ax.set_title(f"t={t}", fontsize=9)
-    fig.suptitle(f"{label}: predicted x̂0 during sampling", fontsize=11)
+    fig.suptitle(f"{label}: the state x_t after each step", fontsize=11)
     return _save(fig, Path(out_dir) / "film_strip.png")
