@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from stepdrop._io import atomic_write, ensure_writable_folder
+from stepdrop._io import ensure_writable_folder
+from stepdrop.checkpoint import atomic_save
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.cost import PeakMemory, gflops_per_call
 from stepdrop.ops import SOLVERS
@@ -138,7 +139,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _save(payload: dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda f: torch.save({"format": _FORMAT, **payload}, f))
+    atomic_save({"format": _FORMAT, **payload}, path)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -105,7 +105,9 @@ def save_grid(images: Tensor, path: str | os.PathLike, *, nrow: int | None = Non
     """Write images in [−1, 1] ([B, C, H, W], C ∈ {1, 3}) as one PNG grid (atomic write)."""
     from PIL import Image
 
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    from stepdrop.metrics import to_uint8
+
+    x = to_uint8(images).cpu()
     B, C, H, W = x.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(B)))
     rows = math.ceil(B / nrow)
