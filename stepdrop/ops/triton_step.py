@@ -40,7 +40,7 @@ probe (the tail block is masked)."""
 MAX_GRID_Y = 65535
 """CUDA's limit on the second grid dimension; longer samples loop over their blocks."""
 
-_STATE: dict = {}  # filled by _load(): "kernels" and "interpret", or "error"
+_STATE: dict = {}  # "importable" (cached find_spec); filled by _load(): "kernels" and "interpret", or "error"
 triton = tl = None  # the modules, bound by _load(): importing triton is deferred to the first launch
 
 
@@ -195,7 +195,9 @@ def triton_importable() -> bool:
         return False
     if "interpret" in _STATE:
         return True
-    return importlib.util.find_spec("triton") is not None
+    if "importable" not in _STATE:  # find_spec walks sys.path: ~100 µs, too much for every dispatch
+        _STATE["importable"] = importlib.util.find_spec("triton") is not None
+    return _STATE["importable"]
 
 
 def triton_available(device: torch.device | str) -> bool:
