@@ -8,7 +8,7 @@ STAMP  := .make
 
 # ENVIRONMENT.md: torch guesses the wrong CUDA_HOME from the nvcc wrapper.
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;9.0+PTX
 export MAX_JOBS ?= 2
 
 NATIVE_SOURCES := setup.py $(wildcard csrc/*) $(wildcard kernels/*)

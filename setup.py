@@ -5,7 +5,8 @@ added where nvcc is found and torch is a CUDA build. Build knobs (environment va
 
     STEPDROP_CUDA          "auto" (default), "1" (require the CUDA build), "0" (C++ only)
     CUDA_HOME              CUDA toolkit; defaults to /usr/local/cuda when that exists
-    TORCH_CUDA_ARCH_LIST   GPU architectures; default "8.0;9.0"
+    TORCH_CUDA_ARCH_LIST   GPU architectures; default "7.5;8.0;9.0+PTX" (Turing to Hopper as
+                           machine code, and PTX that newer GPUs compile at load time)
     MAX_JOBS               parallel compile jobs (read by torch's ninja build)
 
 Build with ``pip install --no-build-isolation [-e] .`` (isolation would fetch another torch).
@@ -22,7 +23,7 @@ from setuptools import setup
 # otherwise guesses /usr/local from an nvcc wrapper on PATH (ENVIRONMENT.md).
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0+PTX")
 
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
