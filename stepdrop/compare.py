@@ -11,7 +11,10 @@ interval, KID, precision/recall against a cached reference feature set, and the 
 classifier score (Fashion-MNIST). GFLOPs per sample = GFLOPs per call × counted NFE.
 
 Resumable: each finished cell is stored atomically in ``<out>/cells/<label>.pt`` and never
-recomputed for the same settings; a cell in progress is checkpointed after every batch
+recomputed for the same settings — the same model weights (a content hash, wherever the file
+lives), seed, batch size, clip, T, device (with the CPU thread count), backend and CUDA-graph
+setting, since images/s and peak memory belong to them; its metrics are recomputed alone when
+the reference features or metric settings change. A cell in progress is checkpointed after every batch
 (``<label>.partial.pt``), so an interrupted run loses at most one batch. The report
 (``report.json``, ``report.csv``, ``report.md``, PNG plots; :mod:`stepdrop.report`) is
 rewritten after every cell, so a long run shows its progress.
@@ -76,6 +79,7 @@ class CompareConfig:
     def __post_init__(self) -> None:
         for name in ("policies", "budgets", "solvers", "references"):
             setattr(self, name, tuple(getattr(self, name)))
+        self.references = tuple(r.strip() for r in self.references if r.strip())
         for p in self.policies:
             check_choice("policies", p, tuple(POLICIES))
         for s in self.solvers:
@@ -95,6 +99,9 @@ class CompareConfig:
         check_int("film_samples", self.film_samples, low=0, high=4)
         if not (self.policies and self.budgets and self.solvers) and not self.references:
             raise ValueError("the grid is empty: give policies, budgets and solvers, or references")
+        labels = [spec.label for spec in cell_specs(self)]  # also refuses a cell named twice
+        if self.film_label is not None and self.film_label not in labels:
+            raise ValueError(f"film_label must be a cell of the grid, one of {labels}, got {self.film_label!r}")
 
 
 QUICK = dict(policies=("uniform", "quadratic", "stepdrop"), num_samples=100, ref_samples=500, bootstrap=20,
@@ -112,9 +119,12 @@ def cell_specs(config: CompareConfig) -> list[RunSpec]:
     grid = [parse_spec(f"{solver}:{policy}-{budget}") for budget in config.budgets for policy in config.policies
             for solver in config.solvers]
     specs = grid + [parse_spec(r) for r in config.references]
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"the grid names a cell twice: {labels}")
+    seen: dict[tuple, str] = {}
+    for spec in specs:  # "ddim-25" and "ddim:uniform-25" are one run
+        run = (spec.solver, spec.policy, spec.budget, spec.num_samples)
+        if run in seen:
+            raise ValueError(f"the grid names a cell twice: {seen[run]!r} and {spec.label!r}")
+        seen[run] = spec.label
     return specs
 
 
@@ -158,8 +168,13 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
     sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend,
                            cuda_graph=config.cuda_graph)
     policy = get_policy(spec.policy)
-    # warm-up at the timed batch size (allocator, thread pools), untimed
-    sampler.sample(torch.randn(min(config.batch_size, n), *shape, device=device), "uniform", budget=1)
+    # warm-up at the timed batch size (allocator, thread pools), untimed; a CUDA graph is
+    # captured here for the cell's own plan length, so no capture falls in a timed batch
+    warm = torch.randn(min(config.batch_size, n), *shape, device=device)
+    if config.cuda_graph:
+        sampler.sample(warm, policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
+    else:
+        sampler.sample(warm, "uniform", budget=1)
     batches = range(math.ceil(n / config.batch_size))
     bar = None
     if progress:
@@ -187,6 +202,7 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
         state["histogram"] += torch.bincount(visited[visited >= 0], minlength=T)
         if len(state["timesteps"]) < 8:  # the first row of each batch: per-batch random plans differ there
             state["timesteps"].append([int(v) for v in visited[0] if v >= 0])
+        state["per_sample_plans"] = state.get("per_sample_plans", False) or bool((visited != visited[0]).any())
         if peak.megabytes is not None:
             state["peak_mb"] = max(state["peak_mb"] or 0.0, peak.megabytes)
         _save(state, partial_path)
@@ -212,12 +228,17 @@ def _film(model, schedule, spec: RunSpec, config: CompareConfig, device: torch.d
 
 # ----------------------------------------------------------------------------- evaluation
 def _evaluate(images: Tensor, reference: Tensor, config: CompareConfig, extractor: str,
-              classifier: torch.nn.Module | None, progress: bool) -> dict[str, Any]:
+              classifier: torch.nn.Module | None, device: torch.device, progress: bool) -> dict[str, Any]:
     from stepdrop import metrics
 
-    features = metrics.extract_features(images, extractor=extractor, progress=progress)
+    # IS needs the classifier head that only inception-v3-compat has; one pass gives both layers
+    layers = (metrics.FEATURE_LAYER,) + (("logits_unbiased",) if extractor == metrics.COMPAT_EXTRACTOR else ())
+    features, *logits = metrics.extract_feature_layers(images, layers, extractor=extractor, device=device,
+                                                       progress=progress)
     n = features.shape[0]
     out: dict[str, Any] = {"fid": metrics.fid(features, reference), "fid_ci": None}
+    out["inception_score"], out["inception_score_std"] = (
+        metrics.inception_score(logits[0], splits=min(10, n)) if logits else (None, None))
     if config.bootstrap:
         out["fid_ci"] = list(metrics.fid_bootstrap(features, reference, resamples=config.bootstrap, seed=config.seed))
     out["kid"], out["kid_std"] = metrics.kid(features, reference, subsets=config.kid_subsets,
@@ -248,7 +269,7 @@ def _cell_row(spec: RunSpec, n: int, state: dict[str, Any], gflops: float, confi
         evaluated_gflops_per_sample=gflops * (state["evaluated_samples"] + state["overhead_samples"]) / n,
         images_per_second=_images_per_second(n, state), wall_time_s=state["wall"],
         peak_memory_mb=state["peak_mb"], timesteps=state["timesteps"],
-        timestep_histogram=state["histogram"].tolist(),
+        per_sample_plans=state.get("per_sample_plans"), timestep_histogram=state["histogram"].tolist(),
     )
 
 
@@ -285,7 +306,8 @@ def run_compare(
     gflops = gflops_per_call(model)
     log(f"{len(specs)} cells, {config.num_samples} samples each (unless @n), {gflops:.3f} GFLOPs per model call")
     reference = metrics.reference_features(config.dataset, config.ref_split, config.ref_samples, extractor=extractor,
-                                           cache_dir=config.cache_dir, data_root=config.data_root, progress=progress)
+                                           cache_dir=config.cache_dir, data_root=config.data_root, device=device,
+                                           progress=progress)
     classifier = None
     if config.dataset == "fashion-mnist" and tuple(model.sample_shape)[0] == 1:
         from stepdrop.classifier import load_classifier
@@ -305,9 +327,11 @@ def run_compare(
     rows: list[dict[str, Any]] = []
     grids: dict[str, Tensor] = {}
     sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=_fingerprint(model),
-                      T=schedule.num_timesteps)
+                      T=schedule.num_timesteps, device=meta["device"], backend=config.backend,
+                      cuda_graph=config.cuda_graph)
     metric_key = dict(extractor=extractor, ref_split=config.ref_split, ref_samples=int(reference.shape[0]),
-                      bootstrap=config.bootstrap, kid_subsets=config.kid_subsets, dataset=config.dataset)
+                      bootstrap=config.bootstrap, kid_subsets=config.kid_subsets, dataset=config.dataset,
+                      reference=hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:16])
     for spec in specs:
         n = spec.num_samples or config.num_samples
         key = dict(sample_key, label=spec.label, num_samples=n)
@@ -320,7 +344,8 @@ def run_compare(
             _save(done, path)
             (cells_dir / f"{_safe(spec.label)}.partial.pt").unlink(missing_ok=True)
         if done.get("metric_key") != metric_key:
-            done["metrics"] = _evaluate(done["state"]["images"], reference, config, extractor, classifier, progress)
+            done["metrics"] = _evaluate(done["state"]["images"], reference, config, extractor, classifier, device,
+                                        progress)
             done["metric_key"] = metric_key
             _save(done, path)
         eta = 1.0 if spec.solver == "ddpm" else 0.0
@@ -332,7 +357,7 @@ def run_compare(
         log(f"{spec.label:<22} NFE {row['nfe_mean']:6.2f}  FID {row['fid']:7.2f}  "
             f"{row['images_per_second'] or 0:7.2f} img/s")
         _write(report, dict(meta=meta, cells=rows), out, grids, None, None)
-    film = _film_report(model, schedule, config, specs, device, cells_dir)
+    film = _film_report(model, schedule, config, specs, device, cells_dir, dict(sample_key, n=config.film_samples))
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
     _write(report, full, out, grids, *film)
     return full
@@ -344,26 +369,23 @@ def _fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def _film_report(model, schedule, config, specs, device, cells_dir) -> tuple[list | None, str | None]:
+def _film_report(model, schedule, config, specs, device, cells_dir, key) -> tuple[list | None, str | None]:
     if not config.film_samples:
         return None, None
     label = config.film_label
     if label is None:
         at_25 = [s for s in specs if s.budget == 25 and s.label not in config.references]
         label = (at_25 or specs)[0].label
-    matches = [s for s in specs if s.label == label]
-    if not matches:
-        raise ValueError(f"film_label {label!r} is not a cell of the grid: {[s.label for s in specs]}")
+    spec = next(s for s in specs if s.label == label)  # CompareConfig checked that it is a cell
     path = cells_dir / f"film_{_safe(label)}.pt"
     saved = _load(path)
-    if saved is None or saved.get("key") != dict(seed=config.seed, n=config.film_samples, clip=config.clip):
-        frames = _film(model, schedule, matches[0], config, device)
-        saved = dict(key=dict(seed=config.seed, n=config.film_samples, clip=config.clip),
-                     steps=[t for t, _ in frames], frames=torch.stack([x for _, x in frames]))
+    if saved is None or saved.get("key") != key:
+        frames = _film(model, schedule, spec, config, device)
+        saved = dict(key=key, steps=[t for t, _ in frames], frames=torch.stack([x for _, x in frames]))
         _save(saved, path)
     return list(zip(saved["steps"], saved["frames"])), label
 

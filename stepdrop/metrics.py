@@ -46,6 +46,7 @@ __all__ = [
     "to_uint8",
     "to_uint8_rgb",
     "extract_features",
+    "extract_feature_layers",
     "reference_features",
     "fid",
     "fid_bootstrap",
@@ -223,18 +224,42 @@ def extract_features(
         batch_size: images per forward pass.
         device: where the network runs (default: the images' device).
     """
+    return extract_feature_layers(images, (feature,), extractor=extractor, batch_size=batch_size, device=device,
+                                  progress=progress)[0]
+
+
+@torch.inference_mode()
+def extract_feature_layers(
+    images: Tensor,
+    features: tuple[str, ...],
+    *,
+    extractor: str | None = None,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, ...]:
+    """Several layers of :func:`extract_features` from one pass over the images, e.g.
+    ``("2048", "logits_unbiased")`` for FID and IS together; one float32 CPU tensor per layer."""
     extractor = extractor or default_extractor()
     batch_size = check_int("batch_size", batch_size, low=1)
+    features = tuple(features)
+    if not features:
+        raise ValueError("features must name at least one layer, e.g. ('2048',)")
     x = to_uint8_rgb(images)
     device = torch.device(device) if device is not None else x.device
-    net = _extractor(extractor, device, (feature,))
+    net = _extractor(extractor, device, features)
     steps = range(0, x.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"features ({extractor})", unit="batch", leave=False)
-    out = [net(x[i:i + batch_size].to(device))[0].float().cpu() for i in steps]
-    return torch.cat(out) if out else torch.empty(0, 2048)
+    chunks: list[list[Tensor]] = [[] for _ in features]
+    for i in steps:
+        for out, layer in zip(chunks, net(x[i:i + batch_size].to(device))):
+            out.append(layer.float().cpu())
+    if x.shape[0] == 0:
+        return tuple(torch.empty(0, 2048) for _ in features)
+    return tuple(torch.cat(out) for out in chunks)
 
 
 def _check_features(name: str, features: Tensor, min_rows: int = 2) -> Tensor:
@@ -340,8 +365,9 @@ def kid(features_1: Tensor, features_2: Tensor, *, subsets: int = 100, subset_si
     f1, f2 = _check_features("features_1", features_1), _check_features("features_2", features_2)
     subsets = check_int("subsets", subsets, low=1)
     size = min(check_int("subset_size", subset_size, low=2), f1.shape[0], f2.shape[0])
-    out = kid_features_to_metric(f1.float(), f2.float(), kid_subsets=subsets, kid_subset_size=size, kid_degree=3,
-                                 kid_gamma=None, kid_coef0=1, kid_kernel="poly", rng_seed=seed, verbose=False)
+    out = kid_features_to_metric(f1.float(), f2.float(), kid_subsets=subsets, kid_subset_size=size, kid_kernel="poly",
+                                 kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,
+                                 rng_seed=seed, verbose=False)
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
@@ -381,9 +407,11 @@ def reference_features(
     cache_dir: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
     batch_size: int = 64,
+    device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Features of the first ``num_images`` images of a dataset split, computed once and cached.
+    """Features of the first ``num_images`` images of a dataset split, computed once and cached
+    (``device``: where the network runs, default the CPU).
 
     The cache file (``<cache_dir>/<dataset>-<split>-<n>-<extractor>-<hash>.pt``; default
     ``~/.cache/stepdrop/features``) is written atomically and keyed by the images' content
@@ -405,6 +433,6 @@ def reference_features(
                 return cached
         except Exception:  # a corrupt cache is recomputed, never trusted
             pass
-    feats = extract_features(images, extractor=extractor, batch_size=batch_size, progress=progress)
+    feats = extract_features(images, extractor=extractor, batch_size=batch_size, device=device, progress=progress)
     atomic_write(path, lambda f: torch.save(feats, f))
     return feats

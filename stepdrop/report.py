@@ -30,6 +30,7 @@ from stepdrop._io import atomic_write_bytes
 
 __all__ = [
     "REPORT_COLUMNS",
+    "calls_per_sample",
     "write_report",
     "render_csv",
     "render_markdown",
@@ -44,7 +45,8 @@ REPORT_COLUMNS: tuple[str, ...] = (
     "label", "solver", "policy", "budget", "eta", "reference", "num_samples", "seed",
     "nfe_mean", "nfe_min", "nfe_max", "overhead_calls", "gflops_per_sample",
     "images_per_second", "wall_time_s", "peak_memory_mb",
-    "fid", "fid_ci_low", "fid_ci_high", "kid", "kid_std", "precision", "recall", "classifier_score",
+    "fid", "fid_ci_low", "fid_ci_high", "kid", "kid_std", "precision", "recall", "inception_score",
+    "inception_score_std", "classifier_score",
 )
 """Column order of report.csv: every scalar field of a cell, ``fid_ci`` split in two."""
 
@@ -84,9 +86,24 @@ def _ci(cell: dict[str, Any]) -> tuple[float, float] | None:
 
 
 def _is_deterministic(cell: dict[str, Any]) -> bool:
-    """True when every recorded sample row of the plan is the same (a fixed timestep list)."""
+    """True when every sample ran the same timestep list: the cell's ``per_sample_plans`` flag
+    (set from every sample of every batch) is False, and every recorded row is the same."""
+    if cell.get("per_sample_plans"):
+        return False
     rows = [list(map(int, row)) for row in cell.get("timesteps") or []]
     return bool(rows) and all(row == rows[0] for row in rows[1:])
+
+
+def calls_per_sample(cell: dict[str, Any]) -> float:
+    """What a sample of the cell cost in model calls, counted: its mean NFE plus the pilot
+    evaluations (a gradient-aware policy's probes) per generated sample."""
+    pilot = float(cell.get("overhead_samples") or 0) / max(int(cell.get("num_samples") or 1), 1)
+    return float(cell["nfe_mean"]) + pilot
+
+
+def _within(cell: dict[str, Any], calls: int) -> bool:
+    """Whether the cell's counted cost per sample is at most ``calls`` (never its budget label)."""
+    return _is_number(cell.get("nfe_mean")) and calls_per_sample(cell) <= calls + 1e-9
 
 
 def _interval_level(meta: dict[str, Any]) -> str:
@@ -144,47 +161,57 @@ def _fid_text(cell: dict[str, Any]) -> str:
     return _fmt(cell["fid"], ".2f") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
-def _table_row(cell: dict[str, Any]) -> str:
+def _table_row(cell: dict[str, Any], with_is: bool) -> str:
     label = _md_escape(cell["label"]) + (" (reference)" if cell.get("reference") else "")
     nfe = f"{_fmt(cell.get('nfe_mean'), '.1f')} ({cell.get('nfe_min', MISSING)}–{cell.get('nfe_max', MISSING)})"
-    if cell.get("overhead_calls"):
-        nfe += f" + {int(cell['overhead_calls'])} pilot/run"
+    if cell.get("overhead_samples"):
+        nfe += f" + {float(cell['overhead_samples']) / max(int(cell.get('num_samples') or 1), 1):.2g} pilot"
     kid = cell.get("kid")
     kid_text = MISSING if kid is None else f"{float(kid) * 1e3:.2f}"
     if kid is not None and cell.get("kid_std") is not None:
         kid_text += f" ± {float(cell['kid_std']) * 1e3:.2f}"
     values = [label, nfe, _fmt(cell.get("gflops_per_sample"), ".4g"), _fmt(cell.get("images_per_second"), ".1f"),
-              _fid_text(cell), kid_text, _fmt(cell.get("precision"), ".3f"), _fmt(cell.get("recall"), ".3f"),
-              _fmt(cell.get("classifier_score"), ".2f")]
+              _fid_text(cell), kid_text, _fmt(cell.get("precision"), ".3f"), _fmt(cell.get("recall"), ".3f")]
+    if with_is:
+        values.append(MISSING if cell.get("inception_score") is None else
+                      f"{float(cell['inception_score']):.2f} ± {float(cell.get('inception_score_std') or 0):.2f}")
+    values.append(_fmt(cell.get("classifier_score"), ".2f"))
     return "| " + " | ".join(values) + " |"
 
 
 def _budget_lines(cells: list[dict[str, Any]]) -> list[str]:
-    """Per budget: the best non-reference cell by FID, and whether its CI separates from
-    uniform DDIM's at that budget (intervals that do not overlap)."""
+    """Per budget: the best non-reference cell by FID among those whose counted calls per
+    sample stay within the budget, and whether its CI separates from uniform DDIM's at that
+    budget (intervals that do not overlap). Cells over their budget are named, not ranked."""
     by_budget: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         by_budget[int(cell["budget"])].append(cell)
     lines = []
     for budget in sorted(by_budget):
         group = by_budget[budget]
-        scored = [c for c in group if not c.get("reference") and _is_number(c.get("fid"))]
+        evaluated = [c for c in group if not c.get("reference") and _is_number(c.get("fid"))]
+        scored = [c for c in evaluated if _within(c, budget)]
+        over = [f"`{c['label']}` ({calls_per_sample(c):.1f} calls)" for c in evaluated if not _within(c, budget)]
         if not scored:
+            if over:
+                lines.append(f"- **Budget {budget}**: every cell used more calls than the budget: {', '.join(over)}.")
             continue
         best = min(scored, key=lambda c: float(c["fid"]))
-        head = f"- **Budget {budget}**: best by FID is `{best['label']}` (FID {_fid_text(best)})"
+        head = (f"- **Budget {budget}**: best by FID is `{best['label']}` ({calls_per_sample(best):.1f} calls, "
+                f"FID {_fid_text(best)})")
+        tail = f" Not ranked, over the budget: {', '.join(over)}." if over else ""
         uniform = next((c for c in group if _is_uniform_ddim(c) and _is_number(c.get("fid"))), None)
         if uniform is None:
-            lines.append(head + "; no evaluated uniform DDIM cell at this budget to compare with.")
+            lines.append(head + "; no evaluated uniform DDIM cell at this budget to compare with." + tail)
         elif uniform is best:
-            lines.append(head + "; uniform DDIM itself has the lowest FID.")
+            lines.append(head + "; uniform DDIM itself has the lowest FID." + tail)
         else:
             a, b = _ci(best), _ci(uniform)
             if a is None or b is None:
                 verdict = "no interval to compare"
             else:
                 verdict = "within the interval" if a[0] <= b[1] and b[0] <= a[1] else "separated"
-            lines.append(head + f"; vs `{uniform['label']}` (FID {_fid_text(uniform)}): {verdict}.")
+            lines.append(head + f"; vs `{uniform['label']}` (FID {_fid_text(uniform)}): {verdict}." + tail)
     return lines
 
 
@@ -192,19 +219,21 @@ def _target_lines(cells: list[dict[str, Any]]) -> list[str]:
     """The evaluation issue's targets, checked on this report's numbers (met / not met /
     not measured): a policy at 25 calls with FID ≤ uniform DDIM-50; one at 10 calls with
     FID ≤ uniform DDIM-20; one policy better than uniform DDIM at every budget by more than
-    the interval (its upper bound below uniform's lower bound)."""
+    the interval (its upper bound below uniform's lower bound). "At 25 calls" means at most
+    25 counted calls per sample, pilot calls included — a budget label is not a count."""
     scored = [c for c in cells if not c.get("reference") and _is_number(c.get("fid"))]
     uniform = {int(c["budget"]): c for c in scored if _is_uniform_ddim(c)}
     lines = []
     for low, high in ((25, 50), (10, 20)):
-        rivals = [c for c in scored if int(c["budget"]) == low and not _is_uniform_ddim(c)]
+        rivals = [c for c in scored if _within(c, low) and not _is_uniform_ddim(c)]
         if high not in uniform or not rivals:
             lines.append(f"- A policy at {low} calls with FID ≤ uniform DDIM-{high}: not measured in this report.")
             continue
         best = min(rivals, key=lambda c: float(c["fid"]))
         met = float(best["fid"]) <= float(uniform[high]["fid"])
         lines.append(f"- A policy at {low} calls with FID ≤ uniform DDIM-{high} ({_fid_text(uniform[high])}): "
-                     f"{'met' if met else 'not met'} — best at {low} is `{best['label']}`, FID {_fid_text(best)}.")
+                     f"{'met' if met else 'not met'} — best within {low} counted calls is `{best['label']}` "
+                     f"({calls_per_sample(best):.1f} calls), FID {_fid_text(best)}.")
     budgets = sorted(uniform)
     by_policy: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for c in scored:
@@ -213,11 +242,14 @@ def _target_lines(cells: list[dict[str, Any]]) -> list[str]:
     winners = []
     for (policy, solver), row in sorted(by_policy.items()):
         if budgets and all(b in row for b in budgets):
-            ok = all(_ci(row[b]) and _ci(uniform[b]) and _ci(row[b])[1] < _ci(uniform[b])[0] for b in budgets)
+            ok = all(_within(row[b], b) and _ci(row[b]) and _ci(uniform[b]) and _ci(row[b])[1] < _ci(uniform[b])[0]
+                     for b in budgets)
             if ok:
                 winners.append(f"{solver}:{policy}")
-    if not budgets or not by_policy:
-        lines.append("- A policy better than uniform DDIM at every budget by more than the interval: not measured.")
+    no_intervals = any(_ci(c) is None for c in scored)
+    if not budgets or not by_policy or (no_intervals and not winners):
+        why = " (no FID intervals)" if budgets and by_policy else ""
+        lines.append(f"- A policy better than uniform DDIM at every budget by more than the interval: not measured{why}.")
     else:
         lines.append("- A policy better than uniform DDIM at every budget "
                      f"({', '.join(map(str, budgets))}) by more than the interval: "
@@ -255,16 +287,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     if not cells:
         lines += ["No cells in this report.", ""]
     else:
+        with_is = any(c.get("inception_score") is not None for c in cells)
         lines += [
             f"| label | NFE mean (min–max) | GFLOPs/sample | images/s | FID [{level} CI] | KID×1e3 ± std "
-            "| precision | recall | classifier score |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-            *(_table_row(c) for c in cells),
+            "| precision | recall |" + (" IS ± std |" if with_is else "") + " classifier score |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_is else "") + "---:|",
+            *(_table_row(c, with_is) for c in cells),
             "",
-            "NFE: counted model calls of each sample's plan; a policy's pilot calls (once per run) are listed as "
-            "\"pilot/run\" and included in GFLOPs/sample = GFLOPs per call × (NFE mean + pilot calls per sample). "
-            "\"classifier score\" is the Inception-Score formula applied to an in-domain classifier; it is "
-            "comparable only within this report.",
+            "NFE: counted model calls of each sample's plan; a policy's pilot evaluations (a gradient-aware "
+            "policy's probes) are listed as \"+ x pilot\" per generated sample and included in GFLOPs/sample = "
+            "GFLOPs per call × (NFE mean + pilot per sample). \"classifier score\" is the Inception-Score formula "
+            "applied to an in-domain classifier; it is comparable only within this report"
+            + (", and it is not the IS column (Inception-v3's own head)." if with_is else "."),
             "",
         ]
         budget_lines = _budget_lines(cells)

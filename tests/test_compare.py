@@ -82,6 +82,13 @@ def test_compare_end_to_end_and_resume(tmp_path, fashion):
     again = run_compare(model, schedule, config, out, model_name="tiny", progress=False, log=lambda s: None)
     assert model.calls == 1
     assert [c["fid"] for c in again["cells"]] == [c["fid"] for c in report["cells"]]
+    assert by["ddim:uniform-2"]["per_sample_plans"] is False
+
+    # images/s and peak memory belong to the backend that sampled: another backend samples anew
+    model.calls = 0
+    run_compare(model, schedule, _config(cache_dir=str(tmp_path / "cache"), backend="torch"), out, model_name="tiny",
+                progress=False, log=lambda s: None)
+    assert model.calls > 1
 
 
 def test_interrupted_cell_resumes_to_the_same_images(tmp_path):
@@ -140,6 +147,23 @@ def test_cell_order_and_config_errors():
         CompareConfig(num_samples=1)
     with pytest.raises(ValueError, match="twice"):
         cell_specs(_config(references=("ddim:uniform-2",)))
+    with pytest.raises(ValueError, match="twice"):  # the same run under another name
+        _config(references=("ddim-2",))
+    with pytest.raises(ValueError, match="film_label must be a cell of the grid"):  # before any sampling
+        _config(film_label="ddim:uniform-3")
+    spaced = _config(references=(" ddim-3@4", " "))  # as a comma list with spaces gives them
+    assert spaced.references == ("ddim-3@4",) and cell_specs(spaced)[-1].label == "ddim-3@4"
+
+
+def test_fingerprint_is_the_weights_content():
+    from stepdrop.compare import _fingerprint
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))  # a 0-dim buffer
+    before = _fingerprint(net)
+    assert before == _fingerprint(net)
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] += 1
+    assert _fingerprint(net) != before
 
 
 def test_compare_cli_help_and_bad_flags(capsys):

@@ -41,6 +41,8 @@ def test_features_are_pool3_and_deterministic(real, feats):
     assert (a >= 0).all()  # pool3 follows a ReLU
     again = metrics.extract_features(real.images[:N], extractor=metrics.TFSCRIPT_EXTRACTOR, batch_size=7)
     torch.testing.assert_close(again, a, rtol=1e-5, atol=1e-5)  # batch size does not matter
+    (layer,) = metrics.extract_feature_layers(real.images[:8], ("2048",), extractor=metrics.TFSCRIPT_EXTRACTOR)
+    torch.testing.assert_close(layer, a[:8], rtol=1e-5, atol=1e-5)
 
 
 def test_fid_of_a_set_with_itself_is_zero(feats):
@@ -105,6 +107,11 @@ def test_compat_extractor_gives_the_same_features(real):
     ours = metrics.extract_features(images, extractor=metrics.TFSCRIPT_EXTRACTOR)
     theirs = metrics.extract_features(images, extractor=metrics.COMPAT_EXTRACTOR)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # FID features and IS logits from one pass, as compare takes them
+    pool, logits = metrics.extract_feature_layers(images, ("2048", "logits_unbiased"),
+                                                  extractor=metrics.COMPAT_EXTRACTOR)
+    torch.testing.assert_close(pool, theirs, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (16, 1008) and metrics.inception_score(logits, splits=2)[0] >= 1
 
 
 def test_reference_features_are_cached_atomically(tmp_path, real):
@@ -141,6 +148,7 @@ def test_to_uint8_quantises_like_a_png():
         (lambda: metrics.fid_bootstrap(torch.rand(5, 3), torch.rand(5, 3), level=1.0), "level"),
         (lambda: metrics.precision_recall(torch.rand(4, 3), torch.rand(4, 3), neighborhood=4), "neighborhood"),
         (lambda: metrics.extract_features(torch.zeros(2, 1, 8, 8), extractor="vgg"), "extractor"),
+        (lambda: metrics.extract_feature_layers(torch.zeros(2, 1, 8, 8), ()), "features"),
     ],
 )
 def test_bad_input_names_the_argument(call, word):

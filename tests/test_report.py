@@ -106,8 +106,9 @@ def test_markdown_content():
     stepdrop_25 = next(line for line in md.splitlines() if line.startswith("| ddim:stepdrop-25"))
     assert "| – |" in stepdrop_25  # FID not yet evaluated
     assert "30.00 [29.00, 31.00]" in md and "4.00 ± 1.00" in md
-    piloted = _report([_cell("ddim", "adaptive", 10, 20.0, overhead_calls=3)])
-    assert "10.0 (10–10) + 3 pilot/run" in render_markdown(piloted)
+    # pilot evaluations are shown per generated sample (96 over 64 samples), not as a per-run count
+    piloted = _report([_cell("ddim", "gradient_aware", 10, 20.0, overhead_calls=3, overhead_samples=96)])
+    assert "10.0 (10–10) + 1.5 pilot" in render_markdown(piloted)
     # sorted by policy, then budget
     order = [line.split(" | ")[0][2:] for line in md.splitlines() if line.startswith("| ddim:") or
              line.startswith("| ddpm:")]
@@ -117,6 +118,16 @@ def test_markdown_content():
     details = md[md.index("<details>"):]
     assert "`ddim:uniform-10` (10 calls): 99, 89, 79" in details
     assert "ddim:importance" not in details
+    # a cell flagged per-sample (from every sample, not only the recorded rows) is not listed either
+    flagged = _report([_cell("ddim", "uniform", 10, 30.0), _cell("ddim", "adaptive", 10, 25.0, per_sample_plans=True)])
+    assert "ddim:adaptive" not in render_markdown(flagged).split("<details>")[1]
+
+
+def test_markdown_inception_score_column_only_when_measured():
+    assert "IS ± std" not in render_markdown(_report())
+    with_is = _report([_cell("ddim", "uniform", 10, 30.0, inception_score=3.21, inception_score_std=0.05)])
+    md = render_markdown(with_is)
+    assert "IS ± std" in md and "| 3.21 ± 0.05 | 8.25 |" in md
 
 
 def test_markdown_budget_verdicts():
@@ -132,6 +143,10 @@ def test_markdown_budget_verdicts():
     assert "uniform DDIM itself has the lowest FID" in render_markdown(alone)
     no_ci = _report([_cell("ddim", "uniform", 10, 30.0), _cell("ddim", "stepdrop", 10, 20.0, fid_ci=None)])
     assert "no interval to compare" in render_markdown(no_ci)
+    # a cell that counted more calls than its budget label is named, not ranked
+    over = _report([_cell("ddim", "uniform", 10, 30.0), _cell("ddim", "stepdrop", 10, 20.0, nfe_mean=12.5)])
+    line = next(x for x in render_markdown(over).splitlines() if x.startswith("- **Budget 10**"))
+    assert "uniform DDIM itself has the lowest FID" in line and "`ddim:stepdrop-10` (12.5 calls)" in line
 
 
 def test_pareto_front():
@@ -206,9 +221,10 @@ def test_empty_report(tmp_path):
     assert plot_timestep_barcode(report, tmp_path) is None
 
 
-def _scored(policy, budget, fid, ci, solver="ddim"):
+def _scored(policy, budget, fid, ci, solver="ddim", nfe=None, pilot=0):
     return dict(label=f"{solver}:{policy}-{budget}", solver=solver, policy=policy, budget=budget, reference=False,
-                fid=fid, fid_ci=ci)
+                fid=fid, fid_ci=ci, nfe_mean=float(budget if nfe is None else nfe), num_samples=100,
+                overhead_samples=pilot)
 
 
 def test_targets_are_checked_from_the_numbers():
@@ -222,9 +238,21 @@ def test_targets_are_checked_from_the_numbers():
         _scored("stepdrop", 10, 60.0, [55, 65]), _scored("stepdrop", 25, 36.0, [30, 40]),
     ]
     lines = _target_lines(cells)
-    assert "met — best at 25 is `ddim:quadratic-25`" in lines[0]
-    assert "met — best at 10 is `ddim:quadratic-10`" in lines[1]
+    assert "met — best within 25 counted calls is `ddim:quadratic-25`" in lines[0]
+    assert "met — best within 10 counted calls is `ddim:quadratic-10` (10.0 calls)" in lines[1]
     assert lines[2].endswith("met by `ddim:quadratic`.")
+    # counted calls, not budget labels: a "10" cell that drew 11 calls per sample does not count at 10,
+    # nor does one whose pilot evaluations (50 over 100 samples) push it past 10
+    for over in (_scored("stepdrop", 10, 20.0, [19, 21], nfe=11.0), _scored("stepdrop", 10, 20.0, [19, 21], pilot=50)):
+        assert "`ddim:quadratic-10`" in _target_lines([*cells[:8], over])[1]
+    drawn = [*cells[:4], *(_scored("stepdrop", b, f, [f - 1, f + 1], nfe=b - 1) for b, f in
+                           ((10, 30.0), (20, 20.0), (25, 20.0), (50, 20.0)))]
+    assert _target_lines(drawn)[2].endswith("met by `ddim:stepdrop`.")
+    drawn[4] = _scored("stepdrop", 10, 30.0, [29, 31], nfe=10.5)
+    assert _target_lines(drawn)[2].endswith("not met.")
+    # without intervals the third target cannot be judged
+    no_ci = [dict(c, fid_ci=None) for c in cells]
+    assert _target_lines(no_ci)[2].endswith("not measured (no FID intervals).")
     # quadratic-50's interval touching uniform's: no longer "more than the interval"
     cells[7] = _scored("quadratic", 50, 29.0, [28, 30])
     assert _target_lines(cells)[2].endswith("not met.")
