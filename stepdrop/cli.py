@@ -148,8 +148,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise ValueError("--policies names no spec")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     out = Path(args.out)
     ensure_writable_folder(out)
     loaded = _load_model(args)
@@ -236,8 +235,6 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    import torch
-
     from stepdrop.compare import FULL, QUICK, CompareConfig, command_line, run_compare
 
     preset = QUICK if args.quick else FULL if args.full else {}
@@ -262,14 +259,23 @@ def _run_compare(args: argparse.Namespace) -> int:
     config = CompareConfig(**chosen)
     if args.clip < 0:
         raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     loaded = _load_model(args)
     name = args.checkpoint or f"{Path(loaded.path).stem} (shipped with stepdrop)"
     report = run_compare(loaded.model, loaded.schedule, config, args.out, model_name=name,
-                         command=command_line(), progress=not args.no_progress)
+                         command=command_line(args.argv), progress=not args.no_progress)
     print(f"{len(report['cells'])} cells; report.md, report.json, report.csv and plots in {args.out}")
     return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _file_name(label: str) -> str:
@@ -292,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command as typed, for reports
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:

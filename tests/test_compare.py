@@ -174,3 +174,5 @@ def test_compare_cli_help_and_bad_flags(capsys):
     assert "--quick" in text and "resume" in text and "FID" in text
     assert main(["compare", "--policies", "nope", "--out", "/tmp/never-written"]) == 2
     assert "policies" in capsys.readouterr().err
+    assert main(["compare", "--threads", "0", "--out", "/tmp/never-written"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
