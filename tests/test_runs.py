@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -38,7 +39,9 @@ def test_parse_spec_errors_name_the_problem(text, word):
 def test_save_grid_layout_and_values(tmp_path):
     images = torch.stack([torch.full((1, 4, 4), v) for v in (-1.0, 0.0, 1.0)])
     path = save_grid(images, tmp_path / "g.png", nrow=3, padding=1)
-    pixels = torch.tensor(list(Image.open(path).getdata())).view(6, 16)
+    with Image.open(path) as image:
+        assert image.mode == "L"
+        pixels = torch.tensor(np.asarray(image))
     assert pixels.shape == (6, 16)
     assert int(pixels[1, 1]) == 0 and int(pixels[1, 6]) == 128 and int(pixels[1, 11]) == 255
     assert int(pixels[0, 0]) == 255  # padding
