@@ -94,11 +94,15 @@ def _is_deterministic(cell: dict[str, Any]) -> bool:
     return bool(rows) and all(row == rows[0] for row in rows[1:])
 
 
+def _pilot_per_sample(cell: dict[str, Any]) -> float:
+    """Pilot evaluations (a gradient-aware policy's probes) per generated sample."""
+    return float(cell.get("overhead_samples") or 0) / max(int(cell.get("num_samples") or 1), 1)
+
+
 def calls_per_sample(cell: dict[str, Any]) -> float:
     """What a sample of the cell cost in model calls, counted: its mean NFE plus the pilot
-    evaluations (a gradient-aware policy's probes) per generated sample."""
-    pilot = float(cell.get("overhead_samples") or 0) / max(int(cell.get("num_samples") or 1), 1)
-    return float(cell["nfe_mean"]) + pilot
+    evaluations per generated sample."""
+    return float(cell["nfe_mean"]) + _pilot_per_sample(cell)
 
 
 def _within(cell: dict[str, Any], calls: int) -> bool:
@@ -165,7 +169,7 @@ def _table_row(cell: dict[str, Any], with_is: bool) -> str:
     label = _md_escape(cell["label"]) + (" (reference)" if cell.get("reference") else "")
     nfe = f"{_fmt(cell.get('nfe_mean'), '.1f')} ({cell.get('nfe_min', MISSING)}–{cell.get('nfe_max', MISSING)})"
     if cell.get("overhead_samples"):
-        nfe += f" + {float(cell['overhead_samples']) / max(int(cell.get('num_samples') or 1), 1):.2g} pilot"
+        nfe += f" + {_pilot_per_sample(cell):.2g} pilot"
     kid = cell.get("kid")
     kid_text = MISSING if kid is None else f"{float(kid) * 1e3:.2f}"
     if kid is not None and cell.get("kid_std") is not None:
