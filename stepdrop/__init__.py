@@ -6,6 +6,7 @@ Fewer model calls (step policies), cheaper calls (fused kernels), and counted co
 """
 
 from stepdrop.ops import BACKENDS, CLEAN, SOLVERS, available_backends, fused_plan_step, fused_step, grad_probe
+from stepdrop.multistep import SAMPLER_SOLVERS
 from stepdrop.plan import StepPlan
 from stepdrop.policies import (
     POLICIES,
@@ -32,6 +33,7 @@ __all__ = [
     "BACKENDS",
     "CLEAN",
     "POLICIES",
+    "SAMPLER_SOLVERS",
     "SOLVERS",
     "Adaptive",
     "Combined",

@@ -112,7 +112,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         description="Sample a model with each policy spec from the same initial noise. Writes <out>/<spec>.png "
         "(a grid per spec), <out>/results.json and results.csv (counted NFE per sample, model calls, wall time of "
         "the sampling loop without I/O, images/s, the timesteps used) and prints the table. A spec is "
-        "[solver:]policy-budget[@num_samples]: ddim-25 and ddpm-1000 are the uniform policy with that solver; "
+        "[solver:]policy-budget[@num_samples] with solver ddim, ddpm or dpmpp_2m (DPM-Solver++(2M)): ddim-25, "
+        "ddpm-1000 and dpmpp_2m-10 are the uniform policy with that solver; "
         "other policies (uniform, quadratic, cosine, logsnr, importance, stepdrop, stepdrop_exact, noise_aware, "
         "gradient_aware, combined, adaptive) use DDIM unless a solver is given (ddpm:importance-25); @N overrides "
         "--num-samples for that spec.",
@@ -208,7 +209,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--full", action="store_true", help=f"the full study, for a GPU: {FULL}")
     p.add_argument("--policies", default=",".join(d.policies), help="comma-separated policy names")
     p.add_argument("--budgets", type=_ints, default=d.budgets, help="model calls per sample, comma-separated")
-    p.add_argument("--solvers", default=",".join(d.solvers), help="comma-separated: ddim, ddpm")
+    p.add_argument("--solvers", default=",".join(d.solvers), help="comma-separated: ddim, ddpm, dpmpp_2m (DPM-Solver++(2M), deterministic, second order)")
+    p.add_argument("--cells", default="",
+                   help="extra cells as specs [solver:]policy-budget[@num_samples], ranked with the grid "
+                        "(for what a full policy × budget × solver product would not give, e.g. dpmpp_2m:logsnr-10)")
     p.add_argument("--references", default=",".join(d.references),
                    help="reference runs as specs [solver:]policy-budget[@num_samples] (empty: none)")
     p.add_argument("--num-samples", type=int, default=None, help=f"images per cell (default {d.num_samples})")
@@ -242,6 +246,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     chosen = dict(
         policies=tuple(p for p in args.policies.split(",") if p.strip()), budgets=args.budgets,
         solvers=tuple(s for s in args.solvers.split(",") if s.strip()),
+        cells=tuple(c for c in args.cells.split(",") if c.strip()),
         references=tuple(r for r in args.references.split(",") if r.strip()),
         seed=args.seed, clip=args.clip or None, ref_split=args.ref_split, extractor=args.extractor,
         film_label=args.film, cache_dir=args.cache_dir, data_root=args.data_root, backend=args.backend,

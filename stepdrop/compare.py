@@ -39,7 +39,7 @@ from stepdrop._io import ensure_writable_folder
 from stepdrop.checkpoint import atomic_save
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.cost import PeakMemory, gflops_per_call
-from stepdrop.ops import SOLVERS
+from stepdrop.multistep import SAMPLER_SOLVERS
 from stepdrop.policies import POLICIES, get_policy
 from stepdrop.runs import RunSpec, parse_spec
 from stepdrop.sampler import FusedSampler, _clock
@@ -57,6 +57,7 @@ class CompareConfig:
     policies: tuple[str, ...] = ("uniform", "quadratic", "logsnr", "stepdrop")
     budgets: tuple[int, ...] = (10, 20, 25, 50)
     solvers: tuple[str, ...] = ("ddim",)
+    cells: tuple[str, ...] = ()
     references: tuple[str, ...] = ("ddim-100", "ddpm-1000")
     num_samples: int = 2000
     batch_size: int = 100
@@ -77,16 +78,17 @@ class CompareConfig:
     data_root: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("policies", "budgets", "solvers", "references"):
+        for name in ("policies", "budgets", "solvers", "cells", "references"):
             setattr(self, name, tuple(getattr(self, name)))
+        self.cells = tuple(c.strip() for c in self.cells if c.strip())
         self.references = tuple(r.strip() for r in self.references if r.strip())
         for p in self.policies:
             check_choice("policies", p, tuple(POLICIES))
         for s in self.solvers:
-            check_choice("solvers", s, SOLVERS)
+            check_choice("solvers", s, SAMPLER_SOLVERS)
         for b in self.budgets:
             check_int("budgets", b, low=1)
-        for r in self.references:
+        for r in self.cells + self.references:
             parse_spec(r)
         check_int("num_samples", self.num_samples, low=2)
         check_int("batch_size", self.batch_size, low=1)
@@ -97,8 +99,8 @@ class CompareConfig:
         check_int("kid_subsets", self.kid_subsets, low=1)
         check_int("grid_samples", self.grid_samples, low=0)
         check_int("film_samples", self.film_samples, low=0, high=4)
-        if not (self.policies and self.budgets and self.solvers) and not self.references:
-            raise ValueError("the grid is empty: give policies, budgets and solvers, or references")
+        if not (self.policies and self.budgets and self.solvers) and not self.cells and not self.references:
+            raise ValueError("the grid is empty: give policies, budgets and solvers, cells, or references")
         labels = [spec.label for spec in cell_specs(self)]  # also refuses a cell named twice
         if self.film_label is not None and self.film_label not in labels:
             raise ValueError(f"film_label must be a cell of the grid, one of {labels}, got {self.film_label!r}")
@@ -115,10 +117,11 @@ FULL = dict(num_samples=10000, batch_size=250)
 
 
 def cell_specs(config: CompareConfig) -> list[RunSpec]:
-    """The grid (budget-major, so every budget gets all policies early in a long run), then the references."""
+    """The grid (budget-major, so every budget gets all policies early in a long run), the extra
+    cells (ranked with the grid: for comparisons that are not a full product), then the references."""
     grid = [parse_spec(f"{solver}:{policy}-{budget}") for budget in config.budgets for policy in config.policies
             for solver in config.solvers]
-    specs = grid + [parse_spec(r) for r in config.references]
+    specs = grid + [parse_spec(c) for c in config.cells] + [parse_spec(r) for r in config.references]
     seen: dict[tuple, str] = {}
     for spec in specs:  # "ddim-25" and "ddim:uniform-25" are one run
         run = (spec.solver, spec.policy, spec.budget, spec.num_samples)

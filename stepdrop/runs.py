@@ -2,9 +2,9 @@
 and write PNG grids plus JSON/CSV results (what ``stepdrop sample`` and ``make demo`` do).
 
 Spec grammar: ``[solver:]policy-budget[@num_samples]``, e.g. ``ddim-25``, ``stepdrop-25``,
-``ddpm:uniform-100``, ``ddpm-1000@4``. The shorthands ``ddim-K`` and ``ddpm-K`` mean the
-uniform policy with that solver; any other policy runs with DDIM (η = 0) unless a solver is
-given. Every spec starts from the same initial noise (the first samples of one seeded draw).
+``ddpm:uniform-100``, ``ddpm-1000@4``, ``dpmpp_2m:logsnr-10``. A solver name alone
+(``ddim-K``, ``ddpm-K``, ``dpmpp_2m-K``) means the uniform policy with that solver; any other
+policy runs with DDIM (η = 0) unless a solver is given. Every spec starts from the same initial noise (the first samples of one seeded draw).
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from torch import Tensor
 
 from stepdrop._io import atomic_write, atomic_write_bytes
 from stepdrop._validation import check_int
-from stepdrop.ops import SOLVERS
+from stepdrop.multistep import SAMPLER_SOLVERS
 from stepdrop.policies import POLICIES, get_policy
 from stepdrop.sampler import FusedSampler
 from stepdrop.schedule import NoiseSchedule
 
 __all__ = ["RunSpec", "parse_spec", "run_specs", "save_grid", "write_results"]
 
-_SPEC = re.compile(r"^(?:(?P<solver>[a-z]+):)?(?P<policy>[a-z_]+)-(?P<budget>\d+)(?:@(?P<samples>\d+))?$")
+_SPEC = re.compile(r"^(?:(?P<solver>[a-z][a-z0-9_]*):)?(?P<policy>[a-z][a-z0-9_]*)-(?P<budget>\d+)"
+                   r"(?:@(?P<samples>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,14 @@ def parse_spec(text: str) -> RunSpec:
         raise ValueError(f"policy spec {text!r} must look like [solver:]policy-budget[@num_samples], e.g. ddim-25, "
                          f"stepdrop-25, ddpm-1000@4")
     solver, policy = m["solver"], m["policy"]
-    if solver is None and policy in SOLVERS:
+    if solver is None and policy in SAMPLER_SOLVERS:
         solver, policy = policy, "uniform"
     solver = solver or "ddim"
-    if solver not in SOLVERS:
-        raise ValueError(f"solver in {text!r} must be one of {SOLVERS}, got {solver!r}")
+    if solver not in SAMPLER_SOLVERS:
+        raise ValueError(f"solver in {text!r} must be one of {SAMPLER_SOLVERS}, got {solver!r}")
     if policy not in POLICIES:
-        raise ValueError(f"policy in {text!r} must be one of {tuple(POLICIES)} (or ddim/ddpm), got {policy!r}")
+        raise ValueError(f"policy in {text!r} must be one of {tuple(POLICIES)} (or a solver: "
+                         f"{', '.join(SAMPLER_SOLVERS)}), got {policy!r}")
     samples = None if m["samples"] is None else check_int("num_samples", int(m["samples"]), low=1)
     return RunSpec(text.strip(), solver, policy, int(m["budget"]), samples)
 

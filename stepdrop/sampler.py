@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from stepdrop._validation import check_bool, check_choice, check_float, check_int, check_tensor, model_device_dtype
+from stepdrop.multistep import MULTISTEP_SOLVERS, SAMPLER_SOLVERS, dpmpp_2m_eps
 from stepdrop.ops import (
     BACKENDS,
     FLOAT_DTYPES,
-    SOLVERS,
     _dispatch,
     _dispatch_plan_step,
     resolve_backend,
@@ -124,9 +124,12 @@ class FusedSampler:
         model: ``eps = model(x, t)`` with t an int64 vector [B]; a diffusers ``UNet2DModel``
             is wrapped automatically. Must predict the noise ε.
         schedule: the :class:`~stepdrop.schedule.NoiseSchedule` the model was trained with.
-        solver: "ddim" (deterministic for eta=0) or "ddpm" (posterior q(x_s|x_t, x̂0): DDPM
-            ancestral on a full plan, Markovian skipped-step sampling on a sub-plan).
-        eta: DDIM's η ∈ [0, 1]; η = 1 equals "ddpm".
+        solver: one of :data:`stepdrop.multistep.SAMPLER_SOLVERS`: "ddim" (deterministic for
+            eta=0), "ddpm" (posterior q(x_s|x_t, x̂0): DDPM ancestral on a full plan, Markovian
+            skipped-step sampling on a sub-plan) or "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022:
+            deterministic, second order from the previous call's x̂0; first order at the first
+            and the last step; see :mod:`stepdrop.multistep`).
+        eta: DDIM's η ∈ [0, 1]; η = 1 equals "ddpm". Must be 0 with "dpmpp_2m".
         clip: clip x̂0 to [−clip, clip] (1.0 for data in [−1, 1]), or None.
         backend: one of :data:`stepdrop.ops.BACKENDS`; "auto" picks the fastest for the device.
         check_finite: record NaN/Inf model outputs on the device and raise after the loop.
@@ -177,8 +180,11 @@ class FusedSampler:
             raise TypeError(f"schedule must be a stepdrop.NoiseSchedule, got {type(schedule).__name__}")
         self.model = as_eps_model(model)
         self.schedule = schedule
-        self.solver = check_choice("solver", solver, SOLVERS)
+        self.solver = check_choice("solver", solver, SAMPLER_SOLVERS)
         self.eta = check_float("eta", eta, low=0.0, high=1.0)
+        if self.solver in MULTISTEP_SOLVERS and self.eta != 0:
+            raise ValueError(f"eta must be 0 with solver={self.solver!r} (a deterministic multistep solver), got "
+                             f"{eta}; use solver='ddim' for eta in (0, 1]")
         self.clip = None if clip is None else check_float("clip", clip, low=0.0, low_open=True)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.check_finite = check_bool("check_finite", check_finite)
@@ -193,6 +199,17 @@ class FusedSampler:
     def stochastic(self) -> bool:
         """Whether each step adds fresh noise (σ > 0)."""
         return self.solver == "ddpm" or self.eta > 0
+
+    @property
+    def _multistep(self) -> bool:
+        return self.solver in MULTISTEP_SOLVERS
+
+    def _step_kwargs(self) -> dict[str, Any]:
+        """The fused step's solver settings: a multistep solver runs DDIM (η = 0) on the ε it
+        rewrites (:mod:`stepdrop.multistep`), and has clipped x̂0 already."""
+        if self._multistep:
+            return dict(solver="ddim", eta=0.0, clip=None)
+        return dict(solver=self.solver, eta=self.eta, clip=self.clip)
 
     def clear_cuda_graphs(self) -> None:
         """Drop the cached CUDA graphs and their static buffers (their memory goes back to torch)."""
@@ -281,10 +298,14 @@ class FusedSampler:
         the plan is read on the device and k reaches the kernel as an argument."""
         t = ts[:, 0].clamp(min=0)  # the model's timesteps and the active mask, rewritten by each step
         active = ts[:, 0] >= 0
+        no_call = torch.full_like(ts[:, 0], CLEAN) if self._multistep else None
+        x0_prev = x  # the multistep history (unread before the second call)
         for k in steps:
             eps = self._evaluate(x, t, k, counts, run)
-            kwargs = dict(noise=noise_at(k), solver=self.solver, eta=self.eta, clip=self.clip, nfe=counts.nfe,
-                          t_next=t, active_next=active)
+            if self._multistep:  # a sample active at step k > 0 was active at k − 1: ts[:, k−1] is its last call
+                t_prev = ts[:, k - 1] if k > 0 else no_call
+                eps, x0_prev = dpmpp_2m_eps(x, eps, run.table, t_prev, ts[:, k], ts[:, k + 1], x0_prev, self.clip)
+            kwargs = dict(noise=noise_at(k), **self._step_kwargs(), nfe=counts.nfe, t_next=t, active_next=active)
             if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
                 validate_plan_step_inputs(x, eps, run.table, ts, k, **kwargs)
             x = _dispatch_plan_step(run.backend, x, eps, run.table, ts, k, **kwargs)
@@ -369,6 +390,7 @@ class FusedSampler:
         t = state["t0"]
         visited[:, 0] = t
         counts = _Counters(B, budget, x.device, self.check_finite)
+        t_prev, x0_prev = torch.full_like(t, CLEAN), x  # the multistep history: no previous call yet
         start = _clock(x.device)
         for k in _steps(budget, progress, policy.name):
             active = t >= 0
@@ -376,7 +398,11 @@ class FusedSampler:
                 break
             eps = self._evaluate(x, t.clamp(min=0), k, counts, run)
             counts.nfe += active.long()
-            s = policy.next_timesteps(state, x, eps, t, active)
+            s = policy.next_timesteps(state, x, eps, t, active)  # the policy reads the model's own ε
+            if self._multistep:
+                eps, x0 = dpmpp_2m_eps(x, eps, run.table, t_prev, t, s, x0_prev, self.clip)
+                x0_prev = torch.where(active.view(-1, *[1] * (x.ndim - 1)), x0, x0_prev)
+                t_prev = torch.where(active, t, t_prev)
             noise = self._randn(x.shape, run) if self.stochastic else None
             x = self._update(x, eps, t, s, active, k, run, noise, callback)
             visited[:, k + 1] = torch.where(active, s, visited[:, k + 1])
@@ -400,7 +426,7 @@ class FusedSampler:
     def _update(self, x, eps, t, s, active, k, run: "_Run", noise, callback) -> Tensor:
         """One fused step t → s of the online loop (noise: this step's z, or None for a
         deterministic solver)."""
-        kwargs = dict(noise=noise, active=active, solver=self.solver, eta=self.eta, clip=self.clip)
+        kwargs = dict(noise=noise, active=active, **self._step_kwargs())
         if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
             validate_step_inputs(x, eps, run.table, t, s, **kwargs)
         x = _dispatch(run.backend, x, eps, run.table, t, s, return_x0=False, **kwargs)

@@ -155,6 +155,23 @@ def test_cell_order_and_config_errors():
     assert spaced.references == ("ddim-3@4",) and cell_specs(spaced)[-1].label == "ddim-3@4"
 
 
+def test_extra_cells_come_after_the_grid_and_before_the_references():
+    """``cells``: a comparison that is not a full product (a second solver on some policies)."""
+    config = _config(cells=(" dpmpp_2m:logsnr-2", "ddpm:uniform-5@3", ""))
+    specs = cell_specs(config)
+    assert [s.label for s in specs] == ["ddim:uniform-2", "ddim:stepdrop-2", "dpmpp_2m:logsnr-2", "ddpm:uniform-5@3",
+                                        "ddim-3@4"]
+    assert (specs[2].solver, specs[2].policy, specs[2].budget) == ("dpmpp_2m", "logsnr", 2)
+    with pytest.raises(ValueError, match="twice"):  # a cell the grid already has
+        _config(cells=("ddim-2",))
+    with pytest.raises(ValueError, match="solver in 'euler:uniform-2' must be one of"):
+        _config(cells=("euler:uniform-2",))
+    only_cells = _config(policies=(), references=(), cells=("dpmpp_2m-2",))
+    assert [s.label for s in cell_specs(only_cells)] == ["dpmpp_2m-2"]
+    with pytest.raises(ValueError, match="the grid is empty"):
+        _config(policies=(), references=())
+
+
 def test_fingerprint_is_the_weights_content():
     from stepdrop.compare import _fingerprint
 

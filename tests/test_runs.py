@@ -22,6 +22,9 @@ from stepdrop.runs import parse_spec, run_specs, save_grid
         ("stepdrop-25", ("ddim", "stepdrop", 25, None)),
         ("ddpm:importance-10@3", ("ddpm", "importance", 10, 3)),
         ("adaptive-25", ("ddim", "adaptive", 25, None)),
+        ("dpmpp_2m-10", ("dpmpp_2m", "uniform", 10, None)),
+        ("dpmpp_2m:logsnr-10@2", ("dpmpp_2m", "logsnr", 10, 2)),
+        ("dpmpp_2m:gradient_aware-7", ("dpmpp_2m", "gradient_aware", 7, None)),
     ],
 )
 def test_parse_spec(text, expected):

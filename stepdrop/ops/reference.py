@@ -15,7 +15,11 @@ with the coefficients of
   σ² = (1−ᾱ_s)/(1−ᾱ_t)·β_{t|s}.
 
 Timestep indices are rows of the ᾱ table (0..T−1); ``s = -1`` (:data:`CLEAN`) is the data
-end of the chain, ᾱ = 1, where both solvers return x̂0. Coefficients are computed in float64;
+end of the chain, ᾱ = 1, where both solvers return x̂0.
+
+:func:`dpmpp_2m_step_reference` is the spec of the multistep DPM-Solver++(2M) transition
+(Lu et al. 2022, Alg. 2), which the sampler runs through the DDIM step above
+(:mod:`stepdrop.multistep`). Coefficients are computed in float64;
 the element-wise update runs in float64 for float64 input and float32 otherwise, then is
 cast back to the input dtype.
 """
@@ -205,6 +209,59 @@ def fused_plan_step_reference(
     if active_next is not None:
         active_next.copy_(s >= 0)
     return x_next
+
+
+def dpmpp_2m_step_reference(
+    x: Tensor,
+    x0: Tensor,
+    x0_prev: Tensor,
+    alphas_cumprod: Tensor,
+    t_prev: Tensor,
+    t: Tensor,
+    s: Tensor,
+) -> Tensor:
+    """One DPM-Solver++(2M) transition t → s per sample (Lu et al. 2022, "DPM-Solver++",
+    Alg. 2 with data prediction), written from the paper in float64:
+
+        α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ), h = λ_s − λ_t, r = (λ_t − λ_{t_prev})/h,
+        D = (1 + 1/(2r))·x̂0_t − 1/(2r)·x̂0_{t_prev},
+        x_s = (σ_s/σ_t)·x_t − α_s·(e^{−h} − 1)·D.
+
+    A sample without a previous model call (``t_prev < 0``) or stepping to the clean end
+    (``s = -1``: σ_s = 0, h = ∞; diffusers' ``final_sigmas_type="zero"``) takes the first-order
+    step D = x̂0_t, which is DDIM (η = 0) written in x̂0; at the clean end it returns x̂0_t.
+
+    Args:
+        x: [B, ...] x_t.
+        x0, x0_prev: [B, ...] the data predictions at t and at t_prev (``x0_prev`` is ignored
+            where ``t_prev < 0``).
+        alphas_cumprod: [T] ᾱ table.
+        t_prev, t, s: int64 [B]; t_prev > t > s per sample, ``t_prev < 0`` for none.
+
+    Returns:
+        x_s in the dtype of ``x``.
+    """
+    table = alphas_cumprod.to(torch.float64)
+    last = table.numel() - 1
+    shape = (-1,) + (1,) * (x.ndim - 1)
+
+    def alpha_sigma(i: Tensor) -> tuple[Tensor, Tensor]:
+        a = torch.where(i >= 0, table[i.clamp(0, last)], 1.0)
+        return a.sqrt(), (1 - a).sqrt()
+
+    (al_p, si_p), (al_t, si_t), (al_s, si_s) = alpha_sigma(t_prev), alpha_sigma(t), alpha_sigma(s)
+    lam_t = (al_t / si_t).log()
+    first_order = (t_prev < 0) | (s < 0)
+    # placeholders where first-order, so that no inf/nan reaches a coefficient that is then unused
+    lam_s = torch.where(first_order, lam_t + 1, (al_s / si_s).log())
+    lam_p = torch.where(first_order, lam_t - 1, (al_p / si_p).log())
+    h = lam_s - lam_t
+    w = torch.where(first_order, torch.zeros_like(h), h / (2 * (lam_t - lam_p)))  # 1/(2r)
+    xs, x0s, x0p = (v.to(torch.float64) for v in (x, x0, x0_prev))
+    d = (1 + w.view(shape)) * x0s - w.view(shape) * x0p
+    ratio = si_s / si_t  # 0 at the clean end, where x_s = α_s·D = x̂0_t
+    c_d = al_s * (1 - ratio * al_t / al_s)  # −α_s·(e^{−h} − 1) with e^{−h} = (σ_s/σ_t)·(α_t/α_s)
+    return (ratio.view(shape) * xs + c_d.view(shape) * d).to(x.dtype)
 
 
 def grad_norm_probe(eps_probe: Tensor, eps: Tensor, v: Tensor, step: float) -> Tensor:
