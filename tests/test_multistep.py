@@ -168,13 +168,11 @@ def test_sampler_float32_close_to_float64(backend):
 
 
 # ----------------------------------------------------------------------------- the peer
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DPMSolverMultistepScheduler  # noqa: E402
-
-
-def diffusers_dpmpp_2m(K: int) -> DPMSolverMultistepScheduler:
+def diffusers_dpmpp_2m(K: int):
     """diffusers' DPM-Solver++(2M) on our float64 table: trailing spacing (our "uniform" plan)
-    and a first-order last step to σ = 0 (our clean end)."""
+    and a first-order last step to σ = 0 (our clean end). Skips the test without diffusers (the
+    other tests of this file do not need it)."""
+    DPMSolverMultistepScheduler = pytest.importorskip("diffusers").DPMSolverMultistepScheduler
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=T, beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2,
         prediction_type="epsilon", timestep_spacing="trailing", final_sigmas_type="zero", lower_order_final=True,
