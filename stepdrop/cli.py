@@ -209,7 +209,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--full", action="store_true", help=f"the full study, for a GPU: {FULL}")
     p.add_argument("--policies", default=",".join(d.policies), help="comma-separated policy names")
     p.add_argument("--budgets", type=_ints, default=d.budgets, help="model calls per sample, comma-separated")
-    p.add_argument("--solvers", default=",".join(d.solvers), help="comma-separated: ddim, ddpm, dpmpp_2m (DPM-Solver++(2M), deterministic, second order)")
+    p.add_argument("--solvers", default=",".join(d.solvers),
+                   help="comma-separated: ddim, ddpm, dpmpp_2m (DPM-Solver++(2M), deterministic, second order)")
     p.add_argument("--cells", default="",
                    help="extra cells as specs [solver:]policy-budget[@num_samples], ranked with the grid "
                         "(for what a full policy × budget × solver product would not give, e.g. dpmpp_2m:logsnr-10)")

@@ -80,8 +80,8 @@ class CompareConfig:
     def __post_init__(self) -> None:
         for name in ("policies", "budgets", "solvers", "cells", "references"):
             setattr(self, name, tuple(getattr(self, name)))
-        self.cells = tuple(c.strip() for c in self.cells if c.strip())
-        self.references = tuple(r.strip() for r in self.references if r.strip())
+        for name in ("cells", "references"):  # specs, as a comma list with spaces gives them
+            setattr(self, name, tuple(spec.strip() for spec in getattr(self, name) if spec.strip()))
         for p in self.policies:
             check_choice("policies", p, tuple(POLICIES))
         for s in self.solvers:

@@ -63,17 +63,17 @@ def dpmpp_2m_eps(
     """
     table = alphas_cumprod.to(torch.float64)
     last = table.numel() - 1
-    a_t = table[t.clamp(0, last)]
-    lam_t = 0.5 * (a_t / (1 - a_t)).log()  # λ = log(α/σ)
+    lam_table = 0.5 * (table / (1 - table)).log()  # λ = log(α/σ) per timestep
+    t = t.clamp(0, last)
+    a_t, lam_t = table[t], lam_table[t]
     second = (t_prev >= 0) & (s >= 0)
-    lam_s = 0.5 * (table[s.clamp(0, last)] / (1 - table[s.clamp(0, last)])).log()
-    lam_p = 0.5 * (table[t_prev.clamp(0, last)] / (1 - table[t_prev.clamp(0, last)])).log()
+    lam_s, lam_p = lam_table[s.clamp(0, last)], lam_table[t_prev.clamp(0, last)]
     # w = 1/(2r) = h/(2·h_prev); 0 where first-order (the clamped λs there may coincide: no 0/0)
     h_prev = torch.where(second, lam_t - lam_p, torch.ones_like(lam_t))
     w = torch.where(second, (lam_s - lam_t) / (2 * h_prev), torch.zeros_like(lam_t))
     compute = _compute_dtype(x.dtype)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    x0 = predict_x0(x, eps, alphas_cumprod, t.clamp(0, last), clip).to(compute)
+    x0 = predict_x0(x, eps, alphas_cumprod, t, clip).to(compute)
     w_c = w.to(compute).view(shape)
     d = x0 + w_c * (x0 - x0_prev.to(compute))
     alpha_t = a_t.sqrt().to(compute).view(shape)

@@ -4,7 +4,8 @@ and write PNG grids plus JSON/CSV results (what ``stepdrop sample`` and ``make d
 Spec grammar: ``[solver:]policy-budget[@num_samples]``, e.g. ``ddim-25``, ``stepdrop-25``,
 ``ddpm:uniform-100``, ``ddpm-1000@4``, ``dpmpp_2m:logsnr-10``. A solver name alone
 (``ddim-K``, ``ddpm-K``, ``dpmpp_2m-K``) means the uniform policy with that solver; any other
-policy runs with DDIM (η = 0) unless a solver is given. Every spec starts from the same initial noise (the first samples of one seeded draw).
+policy runs with DDIM (η = 0) unless a solver is given. Every spec starts from the same
+initial noise (the first samples of one seeded draw).
 """
 
 from __future__ import annotations

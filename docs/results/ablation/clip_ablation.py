@@ -16,32 +16,48 @@ import stepdrop.sampler as sm
 from stepdrop import FusedSampler, metrics
 from stepdrop.checkpoint import load_pretrained
 
-torch.set_num_threads(1)
-loaded = load_pretrained("fashion-mnist")
-model, schedule = loaded.model, loaded.schedule
-ref = metrics.reference_features("fashion-mnist", "test", 5000, cache_dir=os.environ.get("STEPDROP_FEATURE_CACHE"))
-N, B, K, POLICY = 400, 100, int(sys.argv[1]) if len(sys.argv) > 1 else 20, "quadratic"
+N, B, POLICY = 400, 100, "quadratic"
+HERE = os.path.dirname(os.path.abspath(__file__))
 original = ms.dpmpp_2m_eps
 
 
-def first_order(x, eps, table, t_prev, t, s, x0_prev, clip=None):
-    return original(x, eps, table, torch.full_like(t_prev, -1), t, s, x0_prev, clip)
+def setup():
+    """(model, schedule, the 5k reference features), on one CPU thread."""
+    torch.set_num_threads(1)
+    loaded = load_pretrained("fashion-mnist")
+    cache = os.environ.get("STEPDROP_FEATURE_CACHE")
+    return loaded.model, loaded.schedule, metrics.reference_features("fashion-mnist", "test", 5000, cache_dir=cache)
 
 
-arms = [("ddim", 1.0, None), ("dpmpp_2m", 1.0, None), ("dpmpp_2m", 1.0, first_order), ("ddim", None, None),
-        ("dpmpp_2m", None, None)]
-out = {}
-for solver, clip, patch in arms:
-    name = f"{solver}{'-first-order' if patch else ''} clip={clip}"
-    sm.dpmpp_2m_eps = patch or original
-    sampler = FusedSampler(model, schedule, solver=solver, clip=clip)
+def measure(sampler, K, ref):
+    """N samples (batches seeded 1000, 1001, …) at POLICY-K: FID against ``ref`` and the fraction of
+    output pixels at ±1."""
     images = []
     for i in range(N // B):
         x, _ = sampler.sample(B, POLICY, budget=K, generator=torch.Generator().manual_seed(1000 + i))
         images.append(x.clamp(-1, 1))
     images = torch.cat(images)
     feats = metrics.extract_features(images)
-    out[name] = dict(fid=metrics.fid(feats, ref), frac_outside=float((images.abs() >= 0.999).float().mean()))
-    print(f"{name:28} FID {out[name]['fid']:7.2f}", flush=True)
-sm.dpmpp_2m_eps = original
-json.dump(out, open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"clip_ablation_{POLICY}{K}.json"), "w"), indent=1)
+    return dict(fid=metrics.fid(feats, ref), frac_outside=float((images.abs() >= 0.999).float().mean()))
+
+
+def first_order(x, eps, table, t_prev, t, s, x0_prev, clip=None):
+    return original(x, eps, table, torch.full_like(t_prev, -1), t, s, x0_prev, clip)
+
+
+def main(K):
+    model, schedule, ref = setup()
+    arms = [("ddim", 1.0, None), ("dpmpp_2m", 1.0, None), ("dpmpp_2m", 1.0, first_order), ("ddim", None, None),
+            ("dpmpp_2m", None, None)]
+    out = {}
+    for solver, clip, patch in arms:
+        name = f"{solver}{'-first-order' if patch else ''} clip={clip}"
+        sm.dpmpp_2m_eps = patch or original
+        out[name] = measure(FusedSampler(model, schedule, solver=solver, clip=clip), K, ref)
+        print(f"{name:28} FID {out[name]['fid']:7.2f}", flush=True)
+    sm.dpmpp_2m_eps = original
+    json.dump(out, open(os.path.join(HERE, f"clip_ablation_{POLICY}{K}.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
