@@ -205,10 +205,10 @@ class FusedSampler:
         return self.solver in MULTISTEP_SOLVERS
 
     def _step_kwargs(self) -> dict[str, Any]:
-        """The fused step's solver settings: a multistep solver runs DDIM (η = 0) on the ε it
-        rewrites (:mod:`stepdrop.multistep`), and has clipped x̂0 already."""
+        """The fused step's solver settings: a multistep solver runs DDIM (η = 0, DDIM's clip) on
+        the ε it rewrites (:mod:`stepdrop.multistep`)."""
         if self._multistep:
-            return dict(solver="ddim", eta=0.0, clip=None)
+            return dict(solver="ddim", eta=0.0, clip=self.clip)
         return dict(solver=self.solver, eta=self.eta, clip=self.clip)
 
     def clear_cuda_graphs(self) -> None:
@@ -304,7 +304,7 @@ class FusedSampler:
             eps = self._evaluate(x, t, k, counts, run)
             if self._multistep:  # a sample active at step k > 0 was active at k − 1: ts[:, k−1] is its last call
                 t_prev = ts[:, k - 1] if k > 0 else no_call
-                eps, x0_prev = dpmpp_2m_eps(x, eps, run.table, t_prev, ts[:, k], ts[:, k + 1], x0_prev, self.clip)
+                eps, x0_prev = dpmpp_2m_eps(x, eps, run.table, t_prev, ts[:, k], ts[:, k + 1], x0_prev)
             kwargs = dict(noise=noise_at(k), **self._step_kwargs(), nfe=counts.nfe, t_next=t, active_next=active)
             if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
                 validate_plan_step_inputs(x, eps, run.table, ts, k, **kwargs)
@@ -400,7 +400,7 @@ class FusedSampler:
             counts.nfe += active.long()
             s = policy.next_timesteps(state, x, eps, t, active)  # the policy reads the model's own ε
             if self._multistep:
-                eps, x0 = dpmpp_2m_eps(x, eps, run.table, t_prev, t, s, x0_prev, self.clip)
+                eps, x0 = dpmpp_2m_eps(x, eps, run.table, t_prev, t, s, x0_prev)
                 x0_prev = torch.where(active.view(-1, *[1] * (x.ndim - 1)), x0, x0_prev)
                 t_prev = torch.where(active, t, t_prev)
             noise = self._randn(x.shape, run) if self.stochastic else None

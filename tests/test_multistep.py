@@ -69,8 +69,8 @@ def reference_loop(model, x: torch.Tensor, rows: torch.Tensor, clip=None) -> tor
         x0_prev, t_prev = torch.zeros_like(xb), CLEAN
         for t, s in zip(plan[:-1], plan[1:]):
             eps = model(xb, vec(t, 1)).double()
-            x0 = predict_x0(xb, eps, TABLE, vec(t, 1), clip)
-            xb = dpmpp_2m_step_reference(xb, x0, x0_prev, TABLE, vec(t_prev, 1), vec(t, 1), vec(s, 1))
+            x0 = predict_x0(xb, eps, TABLE, vec(t, 1))
+            xb = dpmpp_2m_step_reference(xb, x0, x0_prev, TABLE, vec(t_prev, 1), vec(t, 1), vec(s, 1), clip)
             x0_prev, t_prev = x0, t
         out.append(xb)
     return torch.cat(out)
@@ -91,6 +91,11 @@ def test_reference_first_order_is_ddim():
     # stepping to the clean end returns x̂0 even with a history
     last = dpmpp_2m_step_reference(x, x0, junk, TABLE, torch.tensor([999, 900, 300, 2]), t, vec(CLEAN, 4))
     torch.testing.assert_close(last, x0, rtol=0, atol=1e-11)
+    # and clips like DDIM: x̂0 clipped, ε kept (the inputs put x̂0 outside [−1, 1])
+    assert (x0.abs() > 1).any()
+    ddim_clip = fused_step_reference(x, eps, TABLE, t, s, solver="ddim", clip=1.0)
+    got_clip = dpmpp_2m_step_reference(x, x0, junk, TABLE, vec(CLEAN, 4), t, s, clip=1.0)
+    torch.testing.assert_close(got_clip, ddim_clip, rtol=0, atol=1e-11)
 
 
 def test_reference_second_order_extrapolates_x0():
@@ -111,20 +116,21 @@ def test_reference_second_order_extrapolates_x0():
 
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_eps_rewrite_through_ddim_is_the_reference(clip):
-    """The sampler's route: DDIM (η = 0, no clip) fed ε' takes exactly the reference step, with
-    and without a history, stepping to the clean end, and for a masked (finished) sample."""
+    """The sampler's route: DDIM (η = 0, the same clip) fed ε' takes exactly the reference step,
+    with and without a history, stepping to the clean end, and for a masked (finished) sample."""
     x = 2 * torch.randn(5, *SHAPE, generator=gen(5), dtype=torch.float64)
     eps = torch.randn(5, *SHAPE, generator=gen(6), dtype=torch.float64)
     x0_prev = torch.randn(5, *SHAPE, generator=gen(7), dtype=torch.float64)
     t_prev = torch.tensor([-1, 999, 999, 500, 3])
     t = torch.tensor([999, 800, 200, 100, 1])
     s = torch.tensor([900, 300, -1, 0, -1])
-    eps_d, x0 = dpmpp_2m_eps(x, eps, TABLE, t_prev, t, s, x0_prev, clip)
-    torch.testing.assert_close(x0, predict_x0(x, eps, TABLE, t, clip), rtol=0, atol=0)
+    eps_d, x0 = dpmpp_2m_eps(x, eps, TABLE, t_prev, t, s, x0_prev)
+    torch.testing.assert_close(x0, predict_x0(x, eps, TABLE, t), rtol=0, atol=0)  # kept unclipped
     if clip is not None:
-        assert (predict_x0(x, eps, TABLE, t).abs() > clip).any(), "the inputs never exercised the clip"
-    got = fused_step_reference(x, eps_d, TABLE, t, s, solver="ddim")
-    expected = dpmpp_2m_step_reference(x, x0, x0_prev, TABLE, t_prev, t, s)
+        d = predict_x0(x, eps_d, TABLE, t)
+        assert (d.abs() > clip).any(), "the inputs never exercised the clip"
+    got = fused_step_reference(x, eps_d, TABLE, t, s, solver="ddim", clip=clip)
+    expected = dpmpp_2m_step_reference(x, x0, x0_prev, TABLE, t_prev, t, s, clip)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -134,7 +140,7 @@ def test_eps_rewrite_is_finite_for_finished_samples():
     x = torch.randn(3, *SHAPE, generator=gen(8))
     eps = torch.randn(3, *SHAPE, generator=gen(9))
     t_prev, t, s = vec(CLEAN, 3), torch.tensor([CLEAN, 0, 999]), torch.tensor([CLEAN, CLEAN, 998])
-    eps_d, x0 = dpmpp_2m_eps(x, eps, TABLE, t_prev, t, s, x, None)
+    eps_d, x0 = dpmpp_2m_eps(x, eps, TABLE, t_prev, t, s, x)
     assert torch.isfinite(eps_d).all() and torch.isfinite(x0).all()
     assert eps_d.dtype == x0.dtype == torch.float32
 

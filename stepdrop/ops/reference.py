@@ -219,13 +219,18 @@ def dpmpp_2m_step_reference(
     t_prev: Tensor,
     t: Tensor,
     s: Tensor,
+    clip: float | None = None,
 ) -> Tensor:
     """One DPM-Solver++(2M) transition t → s per sample (Lu et al. 2022, "DPM-Solver++",
     Alg. 2 with data prediction), written from the paper in float64:
 
         α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ), h = λ_s − λ_t, r = (λ_t − λ_{t_prev})/h,
         D = (1 + 1/(2r))·x̂0_t − 1/(2r)·x̂0_{t_prev},
-        x_s = (σ_s/σ_t)·x_t − α_s·(e^{−h} − 1)·D.
+        x_s = (σ_s/σ_t)·x_t − α_s·(e^{−h} − 1)·D
+            = α_s·D + σ_s·ε_D,   ε_D = (x_t − α_t·D)/σ_t.
+
+    With ``clip`` the step is DDIM's clip applied to the second form, x_s = α_s·clip(D) + σ_s·ε_D
+    (the extrapolation itself uses the unclipped x̂0s; :mod:`stepdrop.multistep`).
 
     A sample without a previous model call (``t_prev < 0``) or stepping to the clean end
     (``s = -1``: σ_s = 0, h = ∞; diffusers' ``final_sigmas_type="zero"``) takes the first-order
@@ -237,6 +242,7 @@ def dpmpp_2m_step_reference(
             where ``t_prev < 0``).
         alphas_cumprod: [T] ᾱ table.
         t_prev, t, s: int64 [B]; t_prev > t > s per sample, ``t_prev < 0`` for none.
+        clip: clip D to [−clip, clip] in the α_s·D term, or None.
 
     Returns:
         x_s in the dtype of ``x``.
@@ -259,9 +265,10 @@ def dpmpp_2m_step_reference(
     w = torch.where(first_order, torch.zeros_like(h), h / (2 * (lam_t - lam_p)))  # 1/(2r)
     xs, x0s, x0p = (v.to(torch.float64) for v in (x, x0, x0_prev))
     d = (1 + w.view(shape)) * x0s - w.view(shape) * x0p
-    ratio = si_s / si_t  # 0 at the clean end, where x_s = α_s·D = x̂0_t
-    c_d = al_s * (1 - ratio * al_t / al_s)  # −α_s·(e^{−h} − 1) with e^{−h} = (σ_s/σ_t)·(α_t/α_s)
-    return (ratio.view(shape) * xs + c_d.view(shape) * d).to(x.dtype)
+    ratio = (si_s / si_t).view(shape)  # 0 at the clean end, where x_s = α_s·clip(D) = clip(x̂0_t)
+    # −α_s·(e^{−h} − 1)·D with e^{−h} = (σ_s/σ_t)·(α_t/α_s), split so that clip acts on α_s·D only
+    d_kept = d if clip is None else d.clamp(-clip, clip)
+    return (ratio * xs + al_s.view(shape) * d_kept - (ratio * al_t.view(shape)) * d).to(x.dtype)
 
 
 def grad_norm_probe(eps_probe: Tensor, eps: Tensor, v: Tensor, step: float) -> Tensor:
