@@ -2,23 +2,30 @@
 set STEPDROP_FEATURE_CACHE to a folder that already holds the 5k reference features to skip
 them). Writes clip_ablation_quadratic<K>.json beside this file.
 
-Why is DPM-Solver++(2M) worse than DDIM at quadratic-20 on the embedded model (2k study:
-69.4 vs 52.9)? Candidates: the second-order extrapolation, or x̂0 clipping, which DDIM applies to
-x̂0 only (the clipped-away part is dropped) while the data-prediction update keeps x_t, so the
-out-of-range part of x̂0 survives in (σ_s/σ_t)·x_t. Arms at quadratic-20, 400 samples, seed 1
-(not the study's seed), FID against the study's 5k reference features (biased at n=400:
-compare arms only with each other):
-  ddim clip | dpmpp_2m clip | dpmpp first-order (w = 0) clip | ddim no clip | dpmpp_2m no clip."""
+Why was DPM-Solver++(2M) worse than DDIM at quadratic-20 on the embedded model (2k study, with
+x̂0 clipped before the extrapolation: 69.4 vs 52.9)? Candidates: the second-order extrapolation,
+or where the clip acts. DDIM clips x̂0 and keeps ε, so the clipped-away part is dropped; clipping
+x̂0 before the data-prediction update (diffusers' thresholding) keeps it in (σ_s/σ_t)·x_t.
+Arms at quadratic-20, 400 samples, seed 1 (not the study's seed), FID against the study's 5k
+reference features (biased at n=400: compare arms only with each other):
+
+  ddim clip                          stepdrop's DDIM
+  dpmpp_2m clip                      stepdrop's dpmpp_2m: DDIM's clip on D, ε' kept
+  dpmpp_2m thresholding clip         x̂0 clipped before the extrapolation, no clip after
+  dpmpp_2m-first-order thresholding  the same with w = 0 (no extrapolation)
+  ddim / dpmpp_2m no clip
+"""
 import json, os, sys
 import torch
 import stepdrop.multistep as ms
 import stepdrop.sampler as sm
 from stepdrop import FusedSampler, metrics
 from stepdrop.checkpoint import load_pretrained
+from stepdrop.ops.reference import predict_x0
 
 N, B, POLICY = 400, 100, "quadratic"
 HERE = os.path.dirname(os.path.abspath(__file__))
-original = ms.dpmpp_2m_eps
+original_eps, original_kwargs = ms.dpmpp_2m_eps, sm.FusedSampler._step_kwargs
 
 
 def setup():
@@ -41,21 +48,35 @@ def measure(sampler, K, ref):
     return dict(fid=metrics.fid(feats, ref), frac_outside=float((images.abs() >= 0.999).float().mean()))
 
 
-def first_order(x, eps, table, t_prev, t, s, x0_prev, clip=None):
-    return original(x, eps, table, torch.full_like(t_prev, -1), t, s, x0_prev, clip)
+def thresholding(clip, first_order=False):
+    """dpmpp_2m_eps on the ε of the clipped x̂0_t, so that the extrapolation and the x_t term see
+    clip(x̂0); with ``first_order`` the history is dropped (w = 0)."""
+    def eps_fn(x, eps, table, t_prev, t, s, x0_prev):
+        tc = t.clamp(0, table.numel() - 1)
+        a = table[tc].view((-1,) + (1,) * (x.ndim - 1))
+        x0 = predict_x0(x, eps, table, tc, clip)
+        eps_clipped = ((x.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()).to(x.dtype)
+        return original_eps(x, eps_clipped, table, torch.full_like(t_prev, -1) if first_order else t_prev, t, s,
+                            x0_prev)
+    return eps_fn
 
 
 def main(K):
     model, schedule, ref = setup()
-    arms = [("ddim", 1.0, None), ("dpmpp_2m", 1.0, None), ("dpmpp_2m", 1.0, first_order), ("ddim", None, None),
-            ("dpmpp_2m", None, None)]
+    no_clip_after = lambda self: dict(solver="ddim", eta=0.0, clip=None)  # noqa: E731
+    arms = {"ddim clip=1.0": ("ddim", 1.0, None),
+            "dpmpp_2m clip=1.0": ("dpmpp_2m", 1.0, None),
+            "dpmpp_2m thresholding clip=1.0": ("dpmpp_2m", 1.0, thresholding(1.0)),
+            "dpmpp_2m-first-order thresholding clip=1.0": ("dpmpp_2m", 1.0, thresholding(1.0, first_order=True)),
+            "ddim clip=None": ("ddim", None, None),
+            "dpmpp_2m clip=None": ("dpmpp_2m", None, None)}
     out = {}
-    for solver, clip, patch in arms:
-        name = f"{solver}{'-first-order' if patch else ''} clip={clip}"
-        sm.dpmpp_2m_eps = patch or original
+    for name, (solver, clip, patch) in arms.items():
+        sm.dpmpp_2m_eps = patch or original_eps
+        sm.FusedSampler._step_kwargs = no_clip_after if patch else original_kwargs
         out[name] = measure(FusedSampler(model, schedule, solver=solver, clip=clip), K, ref)
-        print(f"{name:28} FID {out[name]['fid']:7.2f}", flush=True)
-    sm.dpmpp_2m_eps = original
+        print(f"{name:44} FID {out[name]['fid']:7.2f}", flush=True)
+    sm.dpmpp_2m_eps, sm.FusedSampler._step_kwargs = original_eps, original_kwargs
     json.dump(out, open(os.path.join(HERE, f"clip_ablation_{POLICY}{K}.json"), "w"), indent=1)
 
 
