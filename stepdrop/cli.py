@@ -12,6 +12,16 @@ from typing import Sequence
 __all__ = ["main"]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: …)" only where it informs: not for flags, None or "" (the help text says
+    what their absence means), nor where the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default in (None, "") or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -30,7 +40,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a TinyUNet with the DDPM objective (MSE on the noise), AdamW, warm-up then cosine or "
         "constant LR, EMA weights and gradient clipping. Checkpoints (<out>/checkpoint.pt) are written atomically "
         "every --checkpoint-every steps and on Ctrl-C; --resume continues a run exactly (bit for bit on the CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training images")
     p.add_argument("--data-root", default=None, help="folder with the dataset files (default: the dataset's standard place)")
@@ -81,7 +91,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="write a checkpoint's EMA weights as a model file",
         description="Write the EMA weights of a training checkpoint, with its model config, noise schedule and a "
         "model card, as a file that load_checkpoint() reads (fp16 by default).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("checkpoint", help="training checkpoint (checkpoint.pt)")
     p.add_argument("out", help="model file to write")
@@ -117,7 +127,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "other policies (uniform, quadratic, cosine, logsnr, importance, stepdrop, stepdrop_exact, noise_aware, "
         "gradient_aware, combined, adaptive) use DDIM unless a solver is given (ddpm:importance-25); @N overrides "
         "--num-samples for that spec.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="name of a model shipped with stepdrop (default: the first one)")
@@ -198,7 +208,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "FID/KID/precision-recall use Inception-v3 pool3 features through torch-fidelity against a cached reference "
         "set; FID carries a bootstrap interval. Finished cells are kept in <out>/cells and never recomputed; a cell "
         "in progress resumes from its last batch, so re-running the same command continues an interrupted run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="name of a model shipped with stepdrop (default: the first one)")

@@ -189,6 +189,8 @@ def test_compare_cli_help_and_bad_flags(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--quick" in text and "resume" in text and "FID" in text
+    # defaults shown only where they inform: --num-samples names its own, flags and None say nothing
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default 2000)" in text
     assert main(["compare", "--policies", "nope", "--out", "/tmp/never-written"]) == 2
     assert "policies" in capsys.readouterr().err
     assert main(["compare", "--threads", "0", "--out", "/tmp/never-written"]) == 2
