@@ -1,5 +1,5 @@
 """GPU throughput of DDIM-25 (images/s) for the small TinyUNet of :mod:`ddim_loops`, at batch
-1, 16 and 256: ``FusedSampler(cuda_graph=True)`` vs the same sampler eager vs the diffusers
+1, 16, 256 and 1024: ``FusedSampler(cuda_graph=True)`` vs the same sampler eager vs the diffusers
 ``DDIMScheduler`` loop, timed in interleaved rounds with the device synchronised around each run.
 
 ``extra_info`` (medians of one run): ``images_per_s_{graph,eager,diffusers}``,
@@ -19,7 +19,7 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
 
 
-@pytest.mark.parametrize("batch", [1, 16, 256])
+@pytest.mark.parametrize("batch", [1, 16, 256, 1024])
 def test_gpu_ddim25_throughput(benchmark_only, interleaved, benchmark, batch):
     model = tiny_unet("cuda")
     scheduler = ddim_scheduler()
@@ -39,8 +39,16 @@ def test_gpu_ddim25_throughput(benchmark_only, interleaved, benchmark, batch):
         return diffusers_loop(model, scheduler, noise)
 
     torch.testing.assert_close(graph(), eager_run(), rtol=1e-5, atol=1e-5)  # bit-identical: tests/test_cuda_graph.py
-    torch.testing.assert_close(graph(), diffusers(), rtol=1e-3, atol=1e-3)
-    med = interleaved(graph, {"eager": eager_run, "diffusers": diffusers}, rounds=20 if batch < 256 else 10,
+    # Same images as the diffusers loop, checked in full float32: with TF32 convolutions (torch's
+    # default on a GPU, used for the timings of all three) each call rounds to ~1e-3 relative, and
+    # 25 calls of a random-weight net spread the last-bit differences of two update formulas further.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.testing.assert_close(eager_run(), diffusers(), rtol=1e-3, atol=1e-3)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    med = interleaved(graph, {"eager": eager_run, "diffusers": diffusers}, rounds=20 if batch < 256 else 8,
                       warmup_rounds=3, sync=torch.cuda.synchronize)
     assert graphed.graph_captures == 1
     info = {

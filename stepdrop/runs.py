@@ -83,7 +83,8 @@ def run_specs(
     ``clip`` clips x̂0 to [−clip, clip] at every step (1.0: the [−1, 1] data range our models
     are trained on; None: no clipping). Timing covers the sampling loop only (no I/O); a
     one-call warm-up runs first. ``cuda_graph``: replay each spec's loop as one CUDA graph
-    (:class:`FusedSampler`; the capture is timed apart, in ``info["cuda_graph"]``).
+    (:class:`FusedSampler`; the capture is timed apart, in ``info["cuda_graph"]``); a replayed
+    graph runs no Python between steps, so it shows no per-step progress.
     """
     device = next(model.parameters()).device
     largest = max([num_samples] + [s.num_samples or 0 for s in specs])
@@ -96,7 +97,8 @@ def run_specs(
         sampler = FusedSampler(model, schedule, solver=spec.solver, clip=clip, backend=backend, cuda_graph=cuda_graph)
         generator = torch.Generator().manual_seed(seed)
         policy = get_policy(spec.policy)
-        images, stats = sampler.sample(noise[:n], policy, budget=spec.budget, generator=generator, progress=progress)
+        images, stats = sampler.sample(noise[:n], policy, budget=spec.budget, generator=generator,
+                                       progress=progress and not cuda_graph)
         row = stats.to_dict()
         row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, clip=clip, nfe=stats.nfe.tolist(),
                    timesteps_row0=[int(v) for v in stats.timesteps[0] if v >= 0])

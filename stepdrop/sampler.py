@@ -53,6 +53,21 @@ class NonFiniteOutputError(ValueError):
     """The model returned NaN or Inf; the message names the step and the timestep."""
 
 
+def _release_default_generator(device: torch.device) -> None:
+    """Take the device's default CUDA generator out of capture mode after a failed capture.
+
+    A capture registers that generator, and only a successful end releases it. After a failure
+    its next random draw outside a graph (``torch.randn(..., device="cuda")`` anywhere in the
+    process) raises "Offset increment outside graph capture encountered unexpectedly". A
+    capture that succeeds, here of one trivial kernel, runs the release.
+    """
+    with torch.cuda.device(device):
+        scratch = torch.empty(1, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            scratch.fill_(0.0)
+
+
 class CudaGraphError(RuntimeError):
     """``cuda_graph=True``, but the sampling loop could not be captured (the message says why)."""
 
@@ -372,10 +387,12 @@ class FusedSampler:
         except RuntimeError as exc:
             # torch.cuda.graph leaves its capture stream current when ending the capture fails
             torch.cuda.set_stream(stream)
+            _release_default_generator(run.device)
             cause = exc.__context__ if exc.__context__ is not None else exc
+            why = str(cause).strip().splitlines()[0] if str(cause).strip() else ""  # CUDA errors append advice lines
             raise CudaGraphError(
                 f"cuda_graph=True: the {steps}-step sampling loop could not be captured into a CUDA graph "
-                f"({type(cause).__name__}: {cause}). A model whose forward pass synchronises with the host "
+                f"({type(cause).__name__}: {why}). A model whose forward pass synchronises with the host "
                 f"(.item(), .cpu(), .tolist(), printing a tensor, a Python `if` on a tensor value, a "
                 f"data-dependent shape) cannot be captured: remove the synchronisation, or use cuda_graph=False"
             ) from exc

@@ -244,6 +244,8 @@ def test_a_model_that_syncs_cannot_be_captured():
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     x, stats = eager.sample(2, "uniform", budget=5, generator=_cuda_gen(0))
     assert torch.isfinite(x).all() and stats.nfe.tolist() == [5, 5]
+    # ... and the default CUDA generator, which the capture registered, draws outside a graph again
+    assert torch.randn(3, device="cuda").isfinite().all()
 
 
 def test_moved_weights_are_noticed():
