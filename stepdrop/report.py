@@ -501,14 +501,22 @@ def plot_sample_grid(grids: dict[str, Tensor], out_dir: str | os.PathLike, nrow:
     if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
         raise ValueError(f"nrow must be an int ≥ 1, got {nrow!r}")
     rows = {label: _as_images(x[:nrow], f"grids[{label!r}]") for label, x in grids.items()}
-    fig = _figure(1.1 * nrow + 0.5, 1.35 * len(rows) + 0.4)
-    for r, (label, images) in enumerate(rows.items()):
-        ax = fig.add_subplot(len(rows), 1, r + 1)
+    strips = {}
+    for label, images in rows.items():
         pad_shape = (images.shape[1], 1) + images.shape[3:]
-        strip = np.concatenate([part for image in images for part in (image, np.ones(pad_shape))][:-1], axis=1)
+        strips[label] = np.concatenate([part for image in images for part in (image, np.ones(pad_shape))][:-1], axis=1)
+    # laid out in inches, so a 26-row grid has the same margins and row gaps as a 3-row one
+    width, title, gap = 1.1 * nrow + 0.5, 0.4, 0.3
+    strip_w = width - 0.2
+    strip_h = max(strip_w * s.shape[0] / s.shape[1] for s in strips.values())
+    height = title + len(strips) * (strip_h + gap)
+    fig = _figure(width, height)
+    for r, (label, strip) in enumerate(strips.items()):
+        bottom = height - title - (r + 1) * (strip_h + gap)
+        ax = fig.add_axes((0.1 / width, bottom / height, strip_w / width, strip_h / height))
         _show(ax, strip)
         ax.set_title(label, loc="left", fontsize=9)
-    fig.suptitle("Samples from the same initial noise", fontsize=11)
+    fig.suptitle("Samples from the same initial noise", fontsize=11, y=1 - 0.1 / height, va="top")
     return _save(fig, Path(out_dir) / "samples_same_seed.png")
 
 

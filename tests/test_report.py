@@ -193,8 +193,23 @@ def test_sample_grid(tmp_path):
     _assert_png(path)
     with pytest.raises(ValueError, match="empty"):
         plot_sample_grid({}, tmp_path)
-    with pytest.raises(ValueError, match=r"C = 1 or 3"):
-        plot_sample_grid({"bad": torch.zeros(2, 2, 8, 8)}, tmp_path)
+
+
+def test_sample_grid_margins_do_not_grow_with_rows(tmp_path):
+    """A 26-cell study once rendered with 4 inches of blank page above its first row."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+
+    def first_image_row(rows):
+        """Pixels from the top of the PNG to the first line that is mostly sample (noise) pixels."""
+        grids = {f"cell-{i}": torch.rand(8, 1, 32, 32, generator=g) * 2 - 1 for i in range(rows)}
+        with Image.open(plot_sample_grid(grids, tmp_path / str(rows))) as image:
+            grey = np.asarray(image.convert("L"))
+        return int(np.argmax((grey < 200).mean(axis=1) > 0.3))
+
+    few, many = first_image_row(3), first_image_row(26)
+    assert 0 < few and abs(many - few) <= 2, (few, many)
 
 
 def test_film_strip(tmp_path):
