@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -195,6 +195,7 @@ def _load_model(args: argparse.Namespace):
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     from stepdrop.compare import FULL, QUICK, CompareConfig
+    from stepdrop.data import DATASETS
     from stepdrop.metrics import EXTRACTORS
     from stepdrop.ops import BACKENDS
 
@@ -217,15 +218,22 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--quick", action="store_true",
                       help=f"a small run that finishes in under 15 minutes on 2 CPU cores: {QUICK}")
     size.add_argument("--full", action="store_true", help=f"the full study, for a GPU: {FULL}")
-    p.add_argument("--policies", default=",".join(d.policies), help="comma-separated policy names")
-    p.add_argument("--budgets", type=_ints, default=d.budgets, help="model calls per sample, comma-separated")
-    p.add_argument("--solvers", default=",".join(d.solvers),
-                   help="comma-separated: ddim, ddpm, dpmpp_2m (DPM-Solver++(2M), deterministic, second order)")
+    # None: not typed, so a preset (--quick, --full) may fill it; a typed value always wins
+    p.add_argument("--policies", default=None, help=f"comma-separated policy names (default {','.join(d.policies)})")
+    p.add_argument("--budgets", type=_ints, default=None,
+                   help=f"model calls per sample, comma-separated (default {','.join(map(str, d.budgets))})")
+    p.add_argument("--solvers", default=None,
+                   help=f"comma-separated: ddim, ddpm, dpmpp_2m (DPM-Solver++(2M), deterministic, second order) "
+                        f"(default {','.join(d.solvers)})")
     p.add_argument("--cells", default="",
                    help="extra cells as specs [solver:]policy-budget[@num_samples], ranked with the grid "
                         "(for what a full policy × budget × solver product would not give, e.g. dpmpp_2m:logsnr-10)")
-    p.add_argument("--references", default=",".join(d.references),
-                   help="reference runs as specs [solver:]policy-budget[@num_samples] (empty: none)")
+    p.add_argument("--references", default=None,
+                   help=f"reference runs as specs [solver:]policy-budget[@num_samples], empty: none "
+                        f"(default {','.join(d.references)})")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="the real images FID compares with (default: the dataset the model was trained on, "
+                        "from its model file)")
     p.add_argument("--num-samples", type=int, default=None, help=f"images per cell (default {d.num_samples})")
     p.add_argument("--batch-size", type=int, default=None, help=f"images per sampler call (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every cell's noise and plans")
@@ -253,30 +261,32 @@ def _run_compare(args: argparse.Namespace) -> int:
     from stepdrop.compare import FULL, QUICK, CompareConfig, command_line, run_compare
 
     preset = QUICK if args.quick else FULL if args.full else {}
-    d = CompareConfig()
     chosen = dict(
-        policies=tuple(p for p in args.policies.split(",") if p.strip()), budgets=args.budgets,
-        solvers=tuple(s for s in args.solvers.split(",") if s.strip()),
         cells=tuple(c for c in args.cells.split(",") if c.strip()),
-        references=tuple(r for r in args.references.split(",") if r.strip()),
         seed=args.seed, clip=args.clip or None, ref_split=args.ref_split, extractor=args.extractor,
         film_label=args.film, cache_dir=args.cache_dir, data_root=args.data_root, backend=args.backend,
         cuda_graph=args.cuda_graph,
     )
-    # a preset fills what the user left at its default; an explicit flag always wins
-    for name, value in preset.items():
-        if name in chosen and chosen[name] == getattr(d, name):
-            chosen[name] = value
-        elif name not in chosen:
-            chosen[name] = value
-    for name in ("num_samples", "batch_size", "ref_samples", "bootstrap"):
-        if getattr(args, name) is not None:
-            chosen[name] = getattr(args, name)
+    # a preset fills what the user did not type; a typed flag always wins
+    typed = dict(budgets=args.budgets, num_samples=args.num_samples, batch_size=args.batch_size,
+                 ref_samples=args.ref_samples, bootstrap=args.bootstrap,
+                 **{name: tuple(v for v in getattr(args, name).split(",") if v.strip())
+                    for name in ("policies", "solvers", "references") if getattr(args, name) is not None})
+    chosen.update(preset)
+    chosen.update({name: value for name, value in typed.items() if value is not None})
+    if args.dataset is not None:
+        chosen["dataset"] = args.dataset
     config = CompareConfig(**chosen)
     if args.clip < 0:
         raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
     _set_threads(args.threads)
     loaded = _load_model(args)
+    trained_on = (loaded.meta or {}).get("dataset")
+    if args.dataset is not None and trained_on is not None and args.dataset != trained_on:
+        raise ValueError(f"--dataset {args.dataset} but the model was trained on {trained_on} (its model file says "
+                         f"so): FID against other images measures nothing; omit --dataset")
+    if args.dataset is None and trained_on is not None:
+        config = replace(config, dataset=trained_on)
     name = args.checkpoint or f"{Path(loaded.path).stem} (shipped with stepdrop)"
     report = run_compare(loaded.model, loaded.schedule, config, args.out, model_name=name,
                          command=command_line(args.argv), progress=not args.no_progress)

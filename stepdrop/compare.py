@@ -15,7 +15,9 @@ recomputed for the same settings — the same model weights (a content hash, whe
 lives), seed, batch size, clip, T, device (with the CPU thread count), backend and CUDA-graph
 setting, since images/s and peak memory belong to them; its metrics are recomputed alone when
 the reference features or metric settings change. A cell in progress is checkpointed after every batch
-(``<label>.partial.pt``), so an interrupted run loses at most one batch. The report
+(``<label>.partial.pt``), so an interrupted run loses at most one batch. A cell file made with
+other settings, or one that cannot be read, is renamed aside (``.set-aside-<time>.pt``) and
+redone, never overwritten. The report
 (``report.json``, ``report.csv``, ``report.md``, PNG plots; :mod:`stepdrop.report`) is
 rewritten after every cell, so a long run shows its progress.
 """
@@ -40,7 +42,7 @@ from stepdrop.checkpoint import atomic_save
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.cost import PeakMemory, gflops_per_call
 from stepdrop.multistep import SAMPLER_SOLVERS
-from stepdrop.policies import POLICIES, get_policy
+from stepdrop.policies import POLICIES, OnlinePolicy, get_policy
 from stepdrop.runs import RunSpec, parse_spec
 from stepdrop.sampler import FusedSampler, _clock
 from stepdrop.schedule import NoiseSchedule
@@ -101,7 +103,12 @@ class CompareConfig:
         check_int("film_samples", self.film_samples, low=0, high=4)
         if not (self.policies and self.budgets and self.solvers) and not self.cells and not self.references:
             raise ValueError("the grid is empty: give policies, budgets and solvers, cells, or references")
-        labels = [spec.label for spec in cell_specs(self)]  # also refuses a cell named twice
+        specs = cell_specs(self)  # also refuses a cell named twice
+        for spec in specs:
+            if spec.num_samples is not None and spec.num_samples < 2:
+                raise ValueError(f"cell {spec.label!r}: @num_samples must be >= 2 (FID needs two samples), "
+                                 f"got {spec.num_samples}")
+        labels = [spec.label for spec in specs]
         if self.film_label is not None and self.film_label not in labels:
             raise ValueError(f"film_label must be a cell of the grid, one of {labels}, got {self.film_label!r}")
 
@@ -151,20 +158,44 @@ def _load(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("format") == _FORMAT else None
 
 
+def _load_matching(path: Path, key: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The payload stored at ``path`` if it was made with ``key``. A file that cannot be read, or
+    that was made with other settings, is renamed aside (``<name>.set-aside-<UTC time>.pt``)
+    and None returned: it is redone, but hours of sampling are never overwritten."""
+    if not path.exists():
+        return None
+    data = _load(path)
+    if data is not None and data.get("key") == key:
+        return data
+    if data is None:
+        why = "cannot be read as a stepdrop compare file"
+    else:
+        old = data.get("key") or {}
+        changed = [f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(old) | set(key))
+                   if old.get(k) != key.get(k)]
+        why = f"was made with other settings ({'; '.join(changed)})"
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = path.with_name(f"{path.stem}.set-aside-{stamp}{path.suffix}")
+    path.replace(aside)
+    log(f"{path.name} {why}: kept as {aside.name}, redoing it")
+    return None
+
+
 def _save(payload: dict[str, Any], path: Path) -> None:
     atomic_save({"format": _FORMAT, **payload}, path)
 
 
 # ----------------------------------------------------------------------------- sampling
 def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, device: torch.device,
-                 partial_path: Path, key: dict[str, Any], progress: bool) -> dict[str, Any]:
+                 partial_path: Path, key: dict[str, Any], progress: bool,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Sample one cell batch by batch, checkpointing after each batch; returns the raw results."""
     from stepdrop.metrics import to_uint8
 
     T = schedule.num_timesteps
     shape = tuple(model.sample_shape)
-    state = _load(partial_path)
-    if state is None or state.get("key") != key:
+    state = _load_matching(partial_path, key, log)
+    if state is None:
         state = dict(key=key, images=torch.empty(0, *shape, dtype=torch.uint8), nfe=torch.empty(0, dtype=torch.int64),
                      model_calls=0, evaluated_samples=0, overhead_calls=0, overhead_samples=0, wall=0.0, batch_seconds=[],
                      histogram=torch.zeros(T, dtype=torch.int64), timesteps=[], peak_mb=None)
@@ -194,7 +225,9 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
         with PeakMemory(device) as peak:
             start = _clock(device)
             images, stats = sampler.sample(x_T, policy, budget=spec.budget, generator=step_gen)
-            elapsed = _clock(device) - start  # the whole call: plan (pilot runs too) + loop
+            # the whole call: plan (pilot runs too) + loop; a CUDA graph captured for a plan length
+            # first drawn in this batch is a one-time cost, not sampling, and is left out
+            elapsed = _clock(device) - start - stats.info.get("cuda_graph", {}).get("capture_s", 0.0)
         visited = stats.timesteps
         state["images"] = torch.cat([state["images"], to_uint8(images.cpu())])
         state["nfe"] = torch.cat([state["nfe"], stats.nfe])
@@ -306,6 +339,7 @@ def run_compare(
     device = model_device_dtype(model)[0]
     extractor = config.extractor or metrics.default_extractor()
     specs = cell_specs(config)
+    _check_runnable(model, schedule, config, specs)
     gflops = gflops_per_call(model)
     log(f"{len(specs)} cells, {config.num_samples} samples each (unless @n), {gflops:.3f} GFLOPs per model call")
     reference = metrics.reference_features(config.dataset, config.ref_split, config.ref_samples, extractor=extractor,
@@ -339,10 +373,10 @@ def run_compare(
         n = spec.num_samples or config.num_samples
         key = dict(sample_key, label=spec.label, num_samples=n)
         path = cells_dir / f"{_safe(spec.label)}.pt"
-        done = _load(path)
-        if done is None or done.get("key") != key:
+        done = _load_matching(path, key, log)
+        if done is None:
             state = _sample_cell(model, schedule, spec, n, config, device, cells_dir / f"{_safe(spec.label)}.partial.pt",
-                                 key, progress)
+                                 key, progress, log)
             done = dict(key=key, state=state, metric_key=None, metrics=None)
             _save(done, path)
             (cells_dir / f"{_safe(spec.label)}.partial.pt").unlink(missing_ok=True)
@@ -364,6 +398,30 @@ def run_compare(
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
     _write(report, full, out, grids, *film)
     return full
+
+
+def _check_runnable(model: torch.nn.Module, schedule: NoiseSchedule, config: CompareConfig,
+                    specs: Sequence[RunSpec]) -> None:
+    """What would otherwise fail only when its cell is reached, hours into a run (or score the
+    samples against the wrong images): refused before any reference feature or sample."""
+    from stepdrop.data import load_images
+
+    shape = tuple(getattr(model, "sample_shape", ()) or ())
+    if len(shape) != 3:
+        raise ValueError(f"model must have a sample_shape (C, H, W), got {shape or None}")
+    data = load_images(config.dataset, config.ref_split, root=config.data_root)
+    ref_shape = tuple(data.images.shape[1:])
+    # a grey dataset may score a 3-channel model of it (Inception sees grey as replicated RGB)
+    if shape[1:] != ref_shape[1:] or shape[0] not in {ref_shape[0], 3}:
+        raise ValueError(f"the model's samples are {shape} but dataset={config.dataset!r} holds {ref_shape} images: "
+                         f"FID against it would compare different data; give the dataset the model was trained on")
+    T = schedule.num_timesteps
+    for spec in specs:
+        if spec.budget > T:
+            raise ValueError(f"cell {spec.label!r}: budget must be <= T = {T} (the model's timesteps), got {spec.budget}")
+        if config.cuda_graph and isinstance(get_policy(spec.policy), OnlinePolicy):
+            raise ValueError(f"cell {spec.label!r}: cuda_graph=True cannot run policy {spec.policy!r}, which picks "
+                             f"its steps online from the model output; drop the cell or use cuda_graph=False")
 
 
 def _fingerprint(model: torch.nn.Module) -> str:

@@ -183,28 +183,43 @@ def _table_row(cell: dict[str, Any], with_is: bool) -> str:
     return "| " + " | ".join(values) + " |"
 
 
-def _budget_lines(cells: list[dict[str, Any]]) -> list[str]:
+def _rankable(cells: list[dict[str, Any]], num_samples: Any) -> list[dict[str, Any]]:
+    """The cells that may be ranked against each other: evaluated, not references, and drawn
+    with the report's own sample count (FID's bias depends on it: a cell with more samples
+    would win on the count alone). ``num_samples`` None: every count is taken."""
+    return [c for c in cells if not c.get("reference") and _is_number(c.get("fid"))
+            and (num_samples is None or c.get("num_samples") == num_samples)]
+
+
+def _budget_lines(cells: list[dict[str, Any]], num_samples: Any = None) -> list[str]:
     """Per budget: the best non-reference cell by FID among those whose counted calls per
     sample stay within the budget, and whether its CI separates from uniform DDIM's at that
-    budget (intervals that do not overlap). Cells over their budget are named, not ranked."""
+    budget (intervals that do not overlap). Cells over their budget, and cells with another
+    sample count than ``num_samples``, are named, not ranked."""
     by_budget: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         by_budget[int(cell["budget"])].append(cell)
     lines = []
     for budget in sorted(by_budget):
         group = by_budget[budget]
-        evaluated = [c for c in group if not c.get("reference") and _is_number(c.get("fid"))]
+        evaluated = _rankable(group, num_samples)
         scored = [c for c in evaluated if _within(c, budget)]
         over = [f"`{c['label']}` ({calls_per_sample(c):.1f} calls)" for c in evaluated if not _within(c, budget)]
+        other_n = [f"`{c['label']}` ({c.get('num_samples')} samples)" for c in _rankable(group, None)
+                   if c not in evaluated]
+        other_text = f" Not ranked, another sample count: {', '.join(other_n)}." if other_n else ""
         if not scored:
             if over:
-                lines.append(f"- **Budget {budget}**: every cell used more calls than the budget: {', '.join(over)}.")
+                lines.append(f"- **Budget {budget}**: every cell used more calls than the budget: {', '.join(over)}."
+                             + other_text)
+            elif other_n:
+                lines.append(f"- **Budget {budget}**: no cell with {num_samples} samples to rank." + other_text)
             continue
+        tail = (f" Not ranked, over the budget: {', '.join(over)}." if over else "") + other_text
         best = min(scored, key=lambda c: float(c["fid"]))
         head = (f"- **Budget {budget}**: best by FID is `{best['label']}` ({calls_per_sample(best):.1f} calls, "
                 f"FID {_fid_text(best)})")
-        tail = f" Not ranked, over the budget: {', '.join(over)}." if over else ""
-        uniform = next((c for c in group if _is_uniform_ddim(c) and _is_number(c.get("fid"))), None)
+        uniform = next((c for c in evaluated if _is_uniform_ddim(c)), None)
         if uniform is None:
             lines.append(head + "; no evaluated uniform DDIM cell at this budget to compare with." + tail)
         elif uniform is best:
@@ -219,13 +234,14 @@ def _budget_lines(cells: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _target_lines(cells: list[dict[str, Any]]) -> list[str]:
+def _target_lines(cells: list[dict[str, Any]], num_samples: Any = None) -> list[str]:
     """The evaluation issue's targets, checked on this report's numbers (met / not met /
     not measured): a policy at 25 calls with FID ≤ uniform DDIM-50; one at 10 calls with
     FID ≤ uniform DDIM-20; one policy better than uniform DDIM at every budget by more than
     the interval (its upper bound below uniform's lower bound). "At 25 calls" means at most
-    25 counted calls per sample, pilot calls included — a budget label is not a count."""
-    scored = [c for c in cells if not c.get("reference") and _is_number(c.get("fid"))]
+    25 counted calls per sample, pilot calls included — a budget label is not a count. Only
+    cells with ``num_samples`` samples take part (:func:`_rankable`)."""
+    scored = _rankable(cells, num_samples)
     uniform = {int(c["budget"]): c for c in scored if _is_uniform_ddim(c)}
     lines = []
     for low, high in ((25, 50), (10, 20)):
@@ -305,11 +321,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             + (", and it is not the IS column (Inception-v3's own head)." if with_is else "."),
             "",
         ]
-        budget_lines = _budget_lines(cells)
+        budget_lines = _budget_lines(cells, meta.get("num_samples"))
         if budget_lines:
             lines += ["## Best policy per budget", "", *budget_lines, "",
                       f"\"separated\": the two {level} intervals do not overlap; \"within the interval\": they do.", ""]
-        lines += ["## Targets", "", *_target_lines(cells), ""]
+        lines += ["## Targets", "", *_target_lines(cells, meta.get("num_samples")), ""]
     lines += [
         f"**Note**: FID computed from {meta.get('num_samples', 'N')} samples is biased upward (it falls as the "
         "sample count grows); compare FIDs only between cells with the same number of samples.",

@@ -84,11 +84,16 @@ def test_compare_end_to_end_and_resume(tmp_path, fashion):
     assert [c["fid"] for c in again["cells"]] == [c["fid"] for c in report["cells"]]
     assert by["ddim:uniform-2"]["per_sample_plans"] is False
 
-    # images/s and peak memory belong to the backend that sampled: another backend samples anew
+    # images/s and peak memory belong to the backend that sampled: another backend samples anew,
+    # and the cells it replaces are kept aside, not overwritten
     model.calls = 0
+    said = []
     run_compare(model, schedule, _config(cache_dir=str(tmp_path / "cache"), backend="torch"), out, model_name="tiny",
-                progress=False, log=lambda s: None)
+                progress=False, log=said.append)
     assert model.calls > 1
+    aside = sorted((out / "cells").glob("ddim_uniform-2.set-aside-*.pt"))
+    assert len(aside) == 1 and torch.load(aside[0], weights_only=True)["key"]["backend"] == "auto"
+    assert any("ddim_uniform-2.pt was made with other settings (backend: 'auto' -> 'torch')" in line for line in said)
 
 
 def test_interrupted_cell_resumes_to_the_same_images(tmp_path):
@@ -111,6 +116,52 @@ def test_interrupted_cell_resumes_to_the_same_images(tmp_path):
     assert crashing.calls == 1 + 2 * 3  # warm-up and the two missing batches only
     assert torch.equal(resumed["images"], whole["images"])
     assert torch.equal(resumed["nfe"], whole["nfe"])
+
+
+def test_a_damaged_or_foreign_partial_is_set_aside_not_overwritten(tmp_path):
+    schedule, config = NoiseSchedule.linear(100), _config(batch_size=2)
+    spec, said = parse_spec("ddim:uniform-2"), []
+    partial = tmp_path / "cell.partial.pt"
+    partial.write_bytes(b"not a torch file")
+    state = _sample_cell(Counted(), schedule, spec, 4, config, torch.device("cpu"), partial, dict(label="a"), False,
+                         said.append)
+    assert state["images"].shape[0] == 4
+    (kept,) = tmp_path.glob("cell.partial.set-aside-*.pt")
+    assert kept.read_bytes() == b"not a torch file" and "cannot be read" in said[0]
+    _sample_cell(Counted(), schedule, spec, 4, config, torch.device("cpu"), partial, dict(label="b"), False,
+                 said.append)  # the finished partial of key "a" is not resumed for key "b"
+    assert len(list(tmp_path.glob("cell.partial.set-aside-*.pt"))) == 2 and "label: 'a' -> 'b'" in said[1]
+
+
+def test_batches_draw_different_noise_and_plans():
+    """Batch i is seeded by (seed, i): no two batches, and no two seeds, share x_T or plan draws."""
+    from stepdrop.compare import _batch_generators
+
+    draws = {}
+    for seed in (0, 1):
+        for i in range(3):
+            noise, steps = _batch_generators(seed, i)
+            draws[seed, i] = (torch.randn(8, generator=noise), torch.randn(8, generator=steps))
+    values = [x for pair in draws.values() for x in pair]
+    assert all(not torch.equal(a, b) for j, a in enumerate(values) for b in values[j + 1:])
+    again = _batch_generators(1, 2)
+    assert torch.equal(torch.randn(8, generator=again[0]), draws[1, 2][0])
+
+
+def test_what_cannot_run_is_refused_before_any_sample(tmp_path, fashion):
+    model, schedule = Counted(), NoiseSchedule.linear(100)
+    quiet = dict(model_name="tiny", progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"budget must be <= T = 100 .*got 200"):
+        run_compare(model, schedule, _config(references=("ddim-200",)), tmp_path / "a", **quiet)
+    with pytest.raises(ValueError, match="cuda_graph=True cannot run policy 'adaptive'"):
+        run_compare(model, schedule, _config(policies=("adaptive",), cuda_graph=True), tmp_path / "b", **quiet)
+    small = Counted()
+    small.sample_shape = (1, 28, 28)
+    with pytest.raises(ValueError, match=r"samples are \(1, 28, 28\) but dataset='fashion-mnist' holds \(1, 32, 32\)"):
+        run_compare(small, schedule, _config(), tmp_path / "c", **quiet)
+    assert model.calls == 0 and small.calls == 0
+    with pytest.raises(ValueError, match=r"'ddim-3@1': @num_samples must be >= 2"):
+        _config(references=("ddim-3@1",))
 
 
 def test_same_initial_noise_in_every_cell(tmp_path):
@@ -195,3 +246,25 @@ def test_compare_cli_help_and_bad_flags(capsys):
     assert "policies" in capsys.readouterr().err
     assert main(["compare", "--threads", "0", "--out", "/tmp/never-written"]) == 2
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["compare", "--dataset", "cifar10", "--out", "/tmp/never-written"]) == 2
+    assert "--dataset cifar10 but the model was trained on fashion-mnist" in capsys.readouterr().err
+
+
+def test_a_preset_fills_only_what_was_not_typed(monkeypatch, tmp_path):
+    """--quick with --references typed keeps the typed references, even where they equal the defaults."""
+    import stepdrop.compare as compare
+
+    seen = {}
+
+    def fake_run(model, schedule, config, out, **kwargs):  # stops before any sampling
+        seen["config"] = config
+        return {"cells": []}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    assert main(["compare", "--quick", "--references", "ddim-100,ddpm-1000", "--out", str(tmp_path)]) == 0
+    config = seen["config"]
+    assert config.references == ("ddim-100", "ddpm-1000") and config.num_samples == 100
+    assert config.policies == compare.QUICK["policies"] and config.dataset == "fashion-mnist"
+    assert main(["compare", "--quick", "--policies", "uniform", "--budgets", "10", "--out", str(tmp_path)]) == 0
+    assert seen["config"].policies == ("uniform",) and seen["config"].budgets == (10,)
+    assert seen["config"].references == compare.QUICK["references"]

@@ -70,6 +70,28 @@ def test_kid_and_precision_recall_sanity(feats):
     assert p_noise < 0.2 and r_noise < 0.2
 
 
+def _manifold_share(points, manifold, k):
+    """Share of ``points`` inside the union of balls around each ``manifold`` point whose
+    radius is that point's own distance to its k-th nearest neighbour (self excluded)."""
+    radii = torch.cdist(manifold, manifold).kthvalue(k + 1, dim=1).values
+    return (torch.cdist(points, manifold) <= radii).any(dim=1).double().mean().item()
+
+
+def test_precision_recall_use_per_sample_radii():
+    """Kynkäänniemi et al.'s k-NN balls, one radius per sample: a dense real cluster next to
+    sparse real points, so one global radius (StepDrop's reference code) gives other numbers."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.cat([0.05 * torch.randn(40, 8, generator=g), 3.0 * torch.randn(20, 8, generator=g) + 6.0])
+    generated = torch.cat([0.2 * torch.randn(30, 8, generator=g), 2.0 * torch.randn(30, 8, generator=g) + 6.0])
+    k = 3
+    precision, recall = metrics.precision_recall(generated, real, neighborhood=k)
+    assert precision == pytest.approx(_manifold_share(generated, real, k), abs=1e-6)
+    assert recall == pytest.approx(_manifold_share(real, generated, k), abs=1e-6)
+    global_radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values.median()
+    global_precision = (torch.cdist(generated, real) <= global_radius).any(dim=1).double().mean().item()
+    assert abs(precision - global_precision) > 0.2, (precision, global_precision)
+
+
 def test_bootstrap_interval_contains_the_estimate_and_is_seeded(feats):
     a, b, _ = feats
     lo, hi = metrics.fid_bootstrap(b, a, resamples=10, seed=3)

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,28 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(TypeError):
         write_report(broken, tmp_path)
     assert (tmp_path / "report.json").read_bytes() == before
+    assert _no_temp_files(tmp_path)
+
+
+def test_a_write_that_fails_halfway_keeps_the_previous_report(tmp_path, monkeypatch):
+    """The new text reaches the disk as a complete temporary file; then the move onto the old report fails."""
+    import stepdrop._io as io_module
+
+    write_report(_report(), tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("report.json", "report.csv", "report.md")}
+    real_replace = io_module.os.replace
+
+    def replace_then_fail(src, dst):  # the temp file is complete; the move onto the report fails
+        assert Path(src).read_bytes() and Path(src).parent == tmp_path
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(io_module.os, "replace", replace_then_fail)
+    changed = _report()
+    changed["meta"]["model"] = "another model"
+    with pytest.raises(OSError, match="disk gone"):
+        write_report(changed, tmp_path)
+    monkeypatch.setattr(io_module.os, "replace", real_replace)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert _no_temp_files(tmp_path)
 
 
@@ -253,8 +276,8 @@ def test_targets_are_checked_from_the_numbers():
         _scored("stepdrop", 10, 60.0, [55, 65]), _scored("stepdrop", 25, 36.0, [30, 40]),
     ]
     lines = _target_lines(cells)
-    assert "met — best within 25 counted calls is `ddim:quadratic-25`" in lines[0]
-    assert "met — best within 10 counted calls is `ddim:quadratic-10` (10.0 calls)" in lines[1]
+    assert ": met — best within 25 counted calls is `ddim:quadratic-25`" in lines[0]
+    assert ": met — best within 10 counted calls is `ddim:quadratic-10` (10.0 calls)" in lines[1]
     assert lines[2].endswith("met by `ddim:quadratic`.")
     # counted calls, not budget labels: a "10" cell that drew 11 calls per sample does not count at 10,
     # nor does one whose pilot evaluations (50 over 100 samples) push it past 10
@@ -271,5 +294,33 @@ def test_targets_are_checked_from_the_numbers():
     # quadratic-50's interval touching uniform's: no longer "more than the interval"
     cells[7] = _scored("quadratic", 50, 29.0, [28, 30])
     assert _target_lines(cells)[2].endswith("not met.")
-    assert "not met" in _target_lines([*cells[:4], _scored("stepdrop", 25, 31.0, [30, 32])])[0]
+    assert ": not met — " in _target_lines([*cells[:4], _scored("stepdrop", 25, 31.0, [30, 32])])[0]
     assert "not measured" in _target_lines(cells[:1])[0]
+
+
+def test_only_cells_with_the_reports_sample_count_are_ranked():
+    """FID falls as the sample count grows: a 10k-sample cell must not win on its count."""
+    from stepdrop.report import _budget_lines, _target_lines
+
+    cells = [_scored("uniform", 25, 35.0, [33, 37]), _scored("quadratic", 25, 34.0, [33, 35]),
+             _scored("uniform", 50, 30.0, [28, 32]),
+             dict(_scored("stepdrop", 25, 20.0, [19, 21]), label="ddim:stepdrop-25@10000", num_samples=10000)]
+    (line, _) = _budget_lines(cells, 100)
+    assert "best by FID is `ddim:quadratic-25`" in line and "within the interval" in line
+    assert line.endswith("Not ranked, another sample count: `ddim:stepdrop-25@10000` (10000 samples).")
+    assert "`ddim:stepdrop-25@10000`" in _budget_lines(cells, None)[0].split(";")[0]  # no count given: all ranked
+    assert ": not met — best within 25 counted calls is `ddim:quadratic-25`" in _target_lines(cells, 100)[0]
+    assert ": met — best within 25 counted calls is `ddim:stepdrop-25@10000`" in _target_lines(cells, None)[0]
+    alone = _budget_lines([cells[2], dict(cells[3], budget=50)], 100)
+    assert alone[0].startswith("- **Budget 50**: best by FID is `ddim:uniform-50`")
+    only_other = _budget_lines([dict(cells[3], budget=10)], 100)
+    assert only_other == ["- **Budget 10**: no cell with 100 samples to rank. Not ranked, another sample count: "
+                          "`ddim:stepdrop-25@10000` (10000 samples)."]
+
+
+def test_a_reference_is_never_the_uniform_baseline():
+    from stepdrop.report import _budget_lines
+
+    reference = dict(_scored("uniform", 25, 50.0, [49, 51]), label="ddim-25@8", reference=True)
+    (line,) = _budget_lines([reference, _scored("quadratic", 25, 34.0, [33, 35])], 100)
+    assert "ddim-25@8" not in line and "no evaluated uniform DDIM cell at this budget" in line
