@@ -29,6 +29,7 @@ import hashlib
 import math
 import platform
 import shlex
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class CompareConfig:
         for r in self.cells + self.references:
             parse_spec(r)
         check_int("num_samples", self.num_samples, low=2)
+        check_int("seed", self.seed, low=0, high=2**39 - 1)  # batch seeds are (seed << 24) + 2i, within 64 bits
         check_int("batch_size", self.batch_size, low=1)
         check_int("ref_samples", self.ref_samples, low=2)
         check_int("bootstrap", self.bootstrap, low=0)
@@ -110,7 +112,8 @@ class CompareConfig:
                                  f"got {spec.num_samples}")
         labels = [spec.label for spec in specs]
         if self.film_label is not None and self.film_label not in labels:
-            raise ValueError(f"film_label must be a cell of the grid, one of {labels}, got {self.film_label!r}")
+            raise ValueError(f"film_label (--film) must be a cell of the grid, one of {labels}, "
+                             f"got {self.film_label!r}")
 
 
 QUICK = dict(policies=("uniform", "quadratic", "stepdrop"), num_samples=100, ref_samples=500, bootstrap=20,
@@ -315,8 +318,7 @@ def _images_per_second(n: int, state: dict[str, Any]) -> float | None:
     fall back to all images ÷ the summed time."""
     batches = state.get("batch_seconds") or []
     if batches:
-        per_image = sorted(seconds / size for size, seconds in batches)
-        return 1.0 / per_image[len(per_image) // 2]
+        return 1.0 / statistics.median(seconds / size for size, seconds in batches)
     return n / state["wall"] if state["wall"] > 0 else None
 
 
@@ -410,6 +412,7 @@ def _check_runnable(model: torch.nn.Module, schedule: NoiseSchedule, config: Com
     if len(shape) != 3:
         raise ValueError(f"model must have a sample_shape (C, H, W), got {shape or None}")
     data = load_images(config.dataset, config.ref_split, root=config.data_root)
+    check_int("ref_samples", config.ref_samples, low=2, high=len(data))
     ref_shape = tuple(data.images.shape[1:])
     # a grey dataset may score a 3-channel model of it (Inception sees grey as replicated RGB)
     if shape[1:] != ref_shape[1:] or shape[0] not in {ref_shape[0], 3}:

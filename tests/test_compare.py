@@ -133,6 +133,16 @@ def test_a_damaged_or_foreign_partial_is_set_aside_not_overwritten(tmp_path):
     assert len(list(tmp_path.glob("cell.partial.set-aside-*.pt"))) == 2 and "label: 'a' -> 'b'" in said[1]
 
 
+def test_images_per_second_is_the_median_batch():
+    from stepdrop.compare import _images_per_second
+
+    # seconds per image 0.01, 0.02, 0.03 and 0.10 (a batch slowed by a load spike): the median is 0.025
+    state = dict(batch_seconds=[(100, 1.0), (100, 2.0), (100, 10.0), (50, 1.5)], wall=14.5)
+    assert _images_per_second(350, state) == pytest.approx(40.0)
+    assert _images_per_second(350, dict(wall=14.5)) == pytest.approx(350 / 14.5)  # cells stored before batch times
+    assert _images_per_second(350, dict(wall=0.0)) is None
+
+
 def test_batches_draw_different_noise_and_plans():
     """Batch i is seeded by (seed, i): no two batches, and no two seeds, share x_T or plan draws."""
     from stepdrop.compare import _batch_generators
@@ -159,6 +169,8 @@ def test_what_cannot_run_is_refused_before_any_sample(tmp_path, fashion):
     small.sample_shape = (1, 28, 28)
     with pytest.raises(ValueError, match=r"samples are \(1, 28, 28\) but dataset='fashion-mnist' holds \(1, 32, 32\)"):
         run_compare(small, schedule, _config(), tmp_path / "c", **quiet)
+    with pytest.raises(ValueError, match=r"ref_samples must be in \[2, 10000\], got 10001"):
+        run_compare(model, schedule, _config(ref_samples=10001), tmp_path / "d", **quiet)
     assert model.calls == 0 and small.calls == 0
     with pytest.raises(ValueError, match=r"'ddim-3@1': @num_samples must be >= 2"):
         _config(references=("ddim-3@1",))
@@ -200,7 +212,9 @@ def test_cell_order_and_config_errors():
         cell_specs(_config(references=("ddim:uniform-2",)))
     with pytest.raises(ValueError, match="twice"):  # the same run under another name
         _config(references=("ddim-2",))
-    with pytest.raises(ValueError, match="film_label must be a cell of the grid"):  # before any sampling
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 549755813887\], got 549755813888"):
+        _config(seed=2**39)
+    with pytest.raises(ValueError, match=r"film_label \(--film\) must be a cell of the grid"):  # before sampling
         _config(film_label="ddim:uniform-3")
     spaced = _config(references=(" ddim-3@4", " "))  # as a comma list with spaces gives them
     assert spaced.references == ("ddim-3@4",) and cell_specs(spaced)[-1].label == "ddim-3@4"
