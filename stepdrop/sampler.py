@@ -144,7 +144,9 @@ class FusedSampler:
             skipped-step sampling on a sub-plan) or "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022:
             deterministic, second order from the previous call's x̂0; first order at the first
             and the last step; see :mod:`stepdrop.multistep`).
-        eta: DDIM's η ∈ [0, 1]; η = 1 equals "ddpm". Must be 0 with "dpmpp_2m".
+        eta: DDIM's η ∈ [0, 1]; η = 1 equals "ddpm" when ``clip`` is None (with a clip, DDIM
+            keeps the model's ε for the direction while "ddpm" uses x_t, so the two differ by
+            the clipped-away part of x̂0). Must be 0 with "dpmpp_2m".
         clip: clip x̂0 to [−clip, clip] (1.0 for data in [−1, 1]), or None.
         backend: one of :data:`stepdrop.ops.BACKENDS`; "auto" picks the fastest for the device.
         check_finite: record NaN/Inf model outputs on the device and raise after the loop.

@@ -15,7 +15,9 @@ with the coefficients of
   σ² = (1−ᾱ_s)/(1−ᾱ_t)·β_{t|s}.
 
 Timestep indices are rows of the ᾱ table (0..T−1); ``s = -1`` (:data:`CLEAN`) is the data
-end of the chain, ᾱ = 1, where both solvers return x̂0.
+end of the chain, ᾱ = 1, where both solvers return x̂0. DDIM with η = 1 is the DDPM posterior
+when x̂0 is not clipped; with a clip they differ, since DDIM's direction term keeps the model's
+ε while the posterior's c_x·x_t keeps the clipped-away part of x̂0.
 
 :func:`dpmpp_2m_step_reference` is the spec of the multistep DPM-Solver++(2M) transition
 (Lu et al. 2022, Alg. 2), which the sampler runs through the DDIM step above
