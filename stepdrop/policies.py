@@ -511,9 +511,12 @@ class Adaptive(OnlinePolicy):
     After each call the relative change of the signal (x̂0 by default, or ε) since the
     previous call, r = ‖a_k − a_{k−1}‖/‖a_k‖, sets the next stride as in adaptive ODE solvers:
     h ← h·clip(safety·√(tol/r), shrink, grow). The stride never falls below the even split of
-    the remaining λ-span over the remaining calls, so every sample reaches t = 0 within K calls;
-    samples whose trajectory settles early take longer strides and finish with fewer calls.
-    Each sample makes at most K calls, so the mean NFE (counted by the sampler) is ≤ K.
+    the remaining λ-span over the remaining calls, the last jump to the clean end included:
+    the span ends one λ-gap past t = 0 (as the ``logsnr`` policy's plans do), so the last call
+    falls at a small t > 0, not at t = 0, where a call is worth nothing. A stride that reaches
+    t = 0 goes straight to the clean end instead. Samples whose trajectory settles early take longer
+    strides and finish with fewer calls; each makes at most K, so the mean NFE (counted by the
+    sampler) is ≤ K.
     """
 
     name = "adaptive"
@@ -530,13 +533,15 @@ class Adaptive(OnlinePolicy):
         K = check_budget(budget, schedule.num_timesteps)
         lam = schedule.log_snr.to(device)
         T = schedule.num_timesteps
-        span = float(lam[0] - lam[T - 1])
+        lam_end = float(2 * lam[0] - lam[1]) if T > 1 else float(lam[0]) + 1.0  # one gap past t = 0
         return {
             "table": schedule.table(device, torch.float64),
             "lam": lam,
+            "lam_end": lam_end,
             "lam_rising": lam.flip(0),  # increasing: index j ↔ t = T−1−j
             "calls_left": torch.full((batch_size,), K, dtype=torch.int64, device=device),
-            "stride": torch.full((batch_size,), span / max(K - 1, 1), dtype=torch.float64, device=device),
+            "stride": torch.full((batch_size,), (lam_end - float(lam[T - 1])) / K, dtype=torch.float64,
+                                 device=device),
             "previous": None,
             "t0": torch.full((batch_size,), T - 1, dtype=torch.int64, device=device),
         }
@@ -554,14 +559,15 @@ class Adaptive(OnlinePolicy):
 
         calls_after = state["calls_left"] - 1
         lam_t = lam[t.clamp(min=0)]
-        remaining = lam[0] - lam_t
-        even = remaining / calls_after.clamp(min=1)
+        # calls_after more calls, then the jump to the clean end: calls_after + 1 strides left
+        even = (state["lam_end"] - lam_t) / (calls_after + 1).clamp(min=1)
         stride = torch.maximum(state["stride"] * factor, even)
         target = lam_t + stride
         j = torch.searchsorted(state["lam_rising"], target.contiguous()).clamp(max=T - 1)
         s = (T - 1 - j).clamp(min=0)
         s = torch.minimum(s, t - 1)  # strictly decreasing
-        finish = (calls_after <= 0) | (t <= 0)
+        # a call at t = 0 (ᾱ_0 ≈ 1) would only return its input: a stride that reaches it goes clean
+        finish = (calls_after <= 0) | (s <= 0)
         s = torch.where(finish, torch.full_like(s, CLEAN), s.clamp(min=0))
         s = torch.where(active, s, t)
         moved = lam[s.clamp(min=0)] - lam_t

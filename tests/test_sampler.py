@@ -165,6 +165,7 @@ def test_adaptive_nfe_counted(K, signal):
         assert vals[0] == 999
     assert stats.nfe.tolist() == (ts >= 0).sum(1).tolist()
     assert (stats.nfe <= K).all() and (stats.nfe >= 1).all()
+    assert (ts != 0).all()  # no call is spent at t = 0, where x̂0 ≈ x_t: a stride that reaches it goes clean
     assert stats.model_calls == model.calls == int(stats.nfe.max())
     for i in range(B):
         seen = [int(model.ts[k][i]) for k in range(model.calls) if ts[i, k] >= 0]
