@@ -277,6 +277,22 @@ def _target_lines(cells: list[dict[str, Any]], num_samples: Any = None) -> list[
     return lines
 
 
+def _timestep_text(row: Sequence[int]) -> str:
+    """A plan's timesteps as text, runs of four or more consecutive timesteps written a…b:
+    [999, 998, …, 0] is "999…0", [20, 11, 8, 7, 6, 5] is "20, 11, 8…5"."""
+    parts, i = [], 0
+    while i < len(row):
+        j = i
+        while j + 1 < len(row) and row[j + 1] == row[j] - 1:
+            j += 1
+        if j - i >= 3:
+            parts.append(f"{row[i]}…{row[j]}")
+        else:
+            parts.extend(str(v) for v in row[i:j + 1])
+        i = j + 1
+    return ", ".join(parts)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md's text: the run's meta, the metrics table (sorted by policy, then budget), a
     best-by-FID line per budget, the FID bias note, and each deterministic plan's timesteps."""
@@ -333,10 +349,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     fixed = [c for c in cells if _is_deterministic(c)]
     if fixed:
-        lines += ["<details>", "<summary>Timesteps of each deterministic plan (model calls, in order)</summary>", ""]
+        lines += ["<details>", "<summary>Timesteps of each deterministic plan (model calls, in order; "
+                  "a…b: every timestep from a down to b)</summary>", ""]
         for c in fixed:
             row = [int(t) for t in c["timesteps"][0]]
-            lines.append(f"- `{c['label']}` ({len(row)} calls): {', '.join(map(str, row))}")
+            lines.append(f"- `{c['label']}` ({len(row)} calls): {_timestep_text(row)}")
         lines += ["", "</details>", ""]
     return "\n".join(lines)
 

@@ -146,6 +146,17 @@ def test_markdown_content():
     assert "ddim:adaptive" not in render_markdown(flagged).split("<details>")[1]
 
 
+def test_consecutive_timesteps_are_written_as_ranges():
+    from stepdrop.report import _timestep_text
+
+    assert _timestep_text(list(range(999, -1, -1))) == "999…0"
+    assert _timestep_text([20, 11, 8, 7, 6, 5]) == "20, 11, 8…5"
+    assert _timestep_text([9, 8, 7, 3, 2, 1, 0]) == "9, 8, 7, 3…0"  # a run of three stays as it is
+    assert _timestep_text([999]) == "999" and _timestep_text([]) == ""
+    ddpm = _report([_cell("ddpm", "uniform", 100, 8.0, timesteps=[list(range(99, -1, -1))])])
+    assert "`ddpm:uniform-100` (100 calls): 99…0" in render_markdown(ddpm)
+
+
 def test_markdown_inception_score_column_only_when_measured():
     assert "IS ± std" not in render_markdown(_report())
     with_is = _report([_cell("ddim", "uniform", 10, 30.0, inception_score=3.21, inception_score_std=0.05)])
