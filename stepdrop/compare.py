@@ -262,7 +262,7 @@ def _film(model, schedule, spec: RunSpec, config: CompareConfig, device: torch.d
     _, stats = sampler.sample(x_T, get_policy(spec.policy), budget=spec.budget, generator=step_gen,
                               callback=lambda k, t, x: states.append(x.detach().float().cpu().clone()))
     after = stats.timesteps[0, 1:].tolist()  # the timestep each frame has reached (−1: clean)
-    return [(max(int(t), 0), x) for t, x in zip(after, states)]
+    return [(int(t), x) for t, x in zip(after, states)]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -396,7 +396,8 @@ def run_compare(
         log(f"{spec.label:<22} NFE {row['nfe_mean']:6.2f}  FID {row['fid']:7.2f}  "
             f"{row['images_per_second'] or 0:7.2f} img/s")
         _write(report, dict(meta=meta, cells=rows), out, grids, None, None)
-    film = _film_report(model, schedule, config, specs, device, cells_dir, dict(sample_key, n=config.film_samples))
+    film = _film_report(model, schedule, config, specs, device, cells_dir,
+                        dict(sample_key, n=config.film_samples, clean_step=-1))  # frames once stored clean as t=0
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
     _write(report, full, out, grids, *film)
     return full

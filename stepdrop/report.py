@@ -562,8 +562,9 @@ def _film_columns(count: int) -> list[int]:
 
 def plot_film_strip(frames: list[tuple[int, Tensor]], out_dir: str | os.PathLike, label: str) -> Path:
     """``film_strip.png``: the state x_t through sampling. ``frames`` = [(t, x_t [n, C, H, W]
-    in [−1, 1]), ...] in sampling order; one row per sample (the first four), one column per frame
-    (at most ten, evenly spaced, the last always included), titled "t=…"."""
+    in [−1, 1]), ...] in sampling order, t = −1 for the clean end; one row per sample (the first
+    four), one column per frame (at most ten, evenly spaced, the last always included), titled
+    "t=…", or "clean" for the sample itself."""
     if not frames:
         raise ValueError("frames must hold at least one (timestep, x_t) pair, got an empty list")
     chosen = [frames[i] for i in _film_columns(len(frames))]
@@ -576,6 +577,6 @@ def plot_film_strip(frames: list[tuple[int, Tensor]], out_dir: str | os.PathLike
             ax = fig.add_subplot(n, len(images), r * len(images) + col + 1)
             _show(ax, x[r])
             if r == 0:
-                ax.set_title(f"t={t}", fontsize=9)
+                ax.set_title(f"t={t}" if t >= 0 else "clean", fontsize=9)
     fig.suptitle(f"{label}: the state x_t after each step", fontsize=11)
     return _save(fig, Path(out_dir) / "film_strip.png")

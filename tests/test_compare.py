@@ -73,6 +73,9 @@ def test_compare_end_to_end_and_resume(tmp_path, fashion):
                  "fid_vs_throughput.png", "timestep_barcode.png", "samples_same_seed.png", "film_strip.png"):
         assert (out / name).is_file(), name
     Image.open(out / "fid_vs_nfe.png").verify()
+    film = torch.load(out / "cells" / "film_ddim_uniform-2.pt", weights_only=True)
+    assert film["steps"][-1] == -1 and film["steps"] == sorted(film["steps"], reverse=True)  # ends at the clean end
+    assert film["frames"].shape[:2] == (2, 2)  # one frame per call of the 2-call plan, film_samples = 2
     saved = json.loads((out / "report.json").read_text())
     assert [c["label"] for c in saved["cells"]] == labels
     assert "classifier score" in (out / "report.md").read_text()
