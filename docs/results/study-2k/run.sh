@@ -2,7 +2,7 @@
 # The 2k study, from the repository root: bash docs/results/study-2k/run.sh [OUT]
 # Resumable: finished cells in OUT/cells are kept, a cell in progress resumes from its last
 # batch, so re-running continues an interrupted run. About 5 h on a quiet 2-core CPU
-# (DDPM-1000 is 1.5 h of it, the 29 other cells 5 to 12 min each); on a GPU add
+# (DDPM-1000 about 1 h 35 min of it, the 29 other cells 5 to 12 min each); on a GPU add
 # --device cuda --cuda-graph (and --backend triton or cuda).
 set -euo pipefail
 OUT=${1:-study-2k}
