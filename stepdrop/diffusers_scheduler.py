@@ -49,11 +49,10 @@ from stepdrop.ops import BACKENDS, FLOAT_DTYPES, SOLVERS, fused_step
 from stepdrop.ops.reference import CLEAN, q_sample
 from stepdrop.plan import StepPlan
 from stepdrop.policies import OnlinePolicy, StepPolicy, get_policy
+from stepdrop.prediction import check_prediction_type, to_eps
 from stepdrop.schedule import NoiseSchedule
 
 __all__ = ["StepDropScheduler", "StepDropSchedulerOutput"]
-
-PREDICTION_TYPES = ("epsilon",)
 
 
 @dataclass
@@ -94,7 +93,10 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         eta: DDIM's η ∈ [0, 1] (default 0; ignored by "ddpm"); :meth:`step` may override it.
         clip_sample: clip x̂0 to [−clip_sample_range, clip_sample_range] (default False).
         clip_sample_range: the clipping bound, > 0 (default 1.0).
-        prediction_type: what the model predicts; only "epsilon" (ε) is supported.
+        prediction_type: what the model predicts, one of
+            :data:`stepdrop.prediction.PREDICTION_TYPES` (default "epsilon"): ε, v
+            ("v_prediction") or x0 ("sample"), with diffusers' definitions. :meth:`step` turns
+            the output into ε (:func:`stepdrop.prediction.to_eps`) before the fused step.
         backend: fused-step backend, one of :data:`stepdrop.ops.BACKENDS` (default "auto":
             the fastest one for the sample's device; "torch" is the reference).
         plan_seed: seed of the stochastic policies' plans (each :meth:`set_timesteps` then
@@ -139,11 +141,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         check_bool("clip_sample", clip_sample)
         check_float("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
         self._clip = float(clip_sample_range) if clip_sample else None
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES} (stepdrop's step takes the noise ε), "
-                f"got {prediction_type!r}"
-            )
+        check_prediction_type(prediction_type)
         check_choice("backend", backend, BACKENDS)
         if plan_seed is not None:
             check_int("plan_seed", plan_seed, low=0)
@@ -246,7 +244,8 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         3. x̂0 and x_s from :func:`stepdrop.ops.fused_step` with t and s per sample.
 
         Args:
-            model_output: ε predicted by the model, [B, ...] like ``sample``.
+            model_output: the model's prediction (ε, v or x0: the config's ``prediction_type``),
+                [B, ...] like ``sample``.
             timestep: the current timestep, an entry of :attr:`timesteps` (int or one-element
                 tensor; a device tensor costs one host synchronisation, as in diffusers).
             sample: x_t, [B, ...]. Computed in float32 (float64 for float64), cast back.
@@ -276,7 +275,11 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
 
         compute = sample.dtype if sample.dtype in FLOAT_DTYPES else torch.float32
         x = sample.to(compute)
-        eps = model_output.to(compute)
+        B = x.shape[0]
+        t = torch.full((B,), t_value, dtype=torch.int64, device=x.device)
+        s = torch.full((B,), s_value, dtype=torch.int64, device=x.device)
+        table = self.schedule.table(x.device, torch.float64)
+        eps = to_eps(model_output.to(compute), x, table, t, self.config.prediction_type).to(compute)
         noise = None
         if stochastic:
             if s_value == CLEAN:  # σ = 0: no draw, so the generator's stream lines up with diffusers'
@@ -294,11 +297,8 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=model_output.dtype)
                 noise = noise.to(compute)
 
-        B = x.shape[0]
-        t = torch.full((B,), t_value, dtype=torch.int64, device=x.device)
-        s = torch.full((B,), s_value, dtype=torch.int64, device=x.device)
         x_next, x0 = fused_step(
-            x, eps, self.schedule.table(x.device, torch.float64), t, s,
+            x, eps, table, t, s,
             noise=noise, solver=solver, eta=eta, clip=self._clip, return_x0=True, backend=self.config.backend,
         )
         x_next, x0 = x_next.to(sample.dtype), x0.to(sample.dtype)

@@ -1,7 +1,7 @@
 """FusedSampler: run a step plan (or an online policy) through a model with the fused step.
 
-Data flow (DESIGN.md §2): for k = 0..L−2, ε = model(x, t_k) on the whole batch with a
-per-sample timestep vector, then one ``fused_plan_step`` t_k → t_{k+1} (an online policy's
+Data flow (docs/DESIGN.md §2): for k = 0..L−2, ε = model(x, t_k) on the whole batch with a
+per-sample timestep vector (a v- or x0-prediction turned into ε, :mod:`stepdrop.prediction`), then one ``fused_plan_step`` t_k → t_{k+1} (an online policy's
 loop: one ``fused_step``). Samples whose plan has ended are masked (their x is passed
 through), never split off the batch. Model calls are counted as they happen, per sample, by
 the step kernel: ``SampleStats.nfe`` is a count, not the plan's label.
@@ -10,7 +10,7 @@ generator with CUDA tensors reproduces bit for bit but copies each step's noise 
 non-finite model output is recorded on the device and reported once after the loop, naming
 the step and the timestep.
 
-With ``cuda_graph=True`` (DESIGN.md §5) that same loop, unchanged, is captured once into a
+With ``cuda_graph=True`` (docs/DESIGN.md §5) that same loop, unchanged, is captured once into a
 ``torch.cuda.CUDAGraph`` over static buffers (x_T, the [B, L] plan, the [K, B, …] step noise)
 and replayed; a new seed, x_T or plan of the same length is copied into the buffers.
 """
@@ -38,6 +38,7 @@ from stepdrop.ops import (
 )
 from stepdrop.ops.reference import CLEAN
 from stepdrop.plan import StepPlan
+from stepdrop.prediction import EpsilonView, resolve_prediction_type, to_eps
 from stepdrop.policies import OnlinePolicy, StepPolicy, get_policy
 from stepdrop.schedule import NoiseSchedule
 
@@ -136,8 +137,8 @@ class FusedSampler:
     """Sample a diffusion model with a step plan and the fused update.
 
     Args:
-        model: ``eps = model(x, t)`` with t an int64 vector [B]; a diffusers ``UNet2DModel``
-            is wrapped automatically. Must predict the noise ε.
+        model: ``out = model(x, t)`` with t an int64 vector [B]; a diffusers ``UNet2DModel``
+            is wrapped automatically. ``out`` means ``prediction_type``.
         schedule: the :class:`~stepdrop.schedule.NoiseSchedule` the model was trained with.
         solver: one of :data:`stepdrop.multistep.SAMPLER_SOLVERS`: "ddim" (deterministic for
             eta=0), "ddpm" (posterior q(x_s|x_t, x̂0): DDPM ancestral on a full plan, Markovian
@@ -150,6 +151,12 @@ class FusedSampler:
         clip: clip x̂0 to [−clip, clip] (1.0 for data in [−1, 1]), or None.
         backend: one of :data:`stepdrop.ops.BACKENDS`; "auto" picks the fastest for the device.
         check_finite: record NaN/Inf model outputs on the device and raise after the loop.
+        prediction_type: what the model predicts, one of
+            :data:`stepdrop.prediction.PREDICTION_TYPES` ("epsilon", "v_prediction", "sample"),
+            or None (the default) for the model's own ``prediction_type`` attribute (stepdrop's
+            models and adapters carry it), else "epsilon". Each output is turned into ε by
+            :func:`stepdrop.prediction.to_eps` in full precision right after the call, so every
+            solver, policy, backend and the CUDA graph work with all three.
         cuda_graph: capture the whole K-step loop of a plan (model calls, fused updates, the NFE
             and non-finite counters) into one ``torch.cuda.CUDAGraph`` and replay it, which
             removes the per-kernel launch cost that dominates small models on a GPU. One graph
@@ -189,6 +196,7 @@ class FusedSampler:
         clip: float | None = None,
         backend: str = "auto",
         check_finite: bool = True,
+        prediction_type: str | None = None,
         cuda_graph: bool = False,
     ):
         from stepdrop.models.adapters import as_eps_model
@@ -196,6 +204,7 @@ class FusedSampler:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a stepdrop.NoiseSchedule, got {type(schedule).__name__}")
         self.model = as_eps_model(model)
+        self.prediction_type = resolve_prediction_type(self.model, prediction_type)
         self.schedule = schedule
         self.solver = check_choice("solver", solver, SAMPLER_SOLVERS)
         self.eta = check_float("eta", eta, low=0.0, high=1.0)
@@ -432,13 +441,14 @@ class FusedSampler:
         return x, self._stats(counts, realised, visited, wall, run.backend)
 
     def _evaluate(self, x, t, k, counts, run: "_Run") -> Tensor:
-        """ε = model(x, t) on the whole batch (t ≥ 0: the caller clamps a masked sample's t to 0),
-        checked for shape, and recorded on the device for the non-finite check."""
-        eps = self.model(x.to(run.model_dtype), t)
-        if not isinstance(eps, Tensor) or eps.shape != x.shape:
-            got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+        """ε from model(x, t) on the whole batch (t ≥ 0: the caller clamps a masked sample's t to 0),
+        checked for shape, and recorded on the device for the non-finite check. The output is
+        turned into ε against the full-precision x (:func:`stepdrop.prediction.to_eps`)."""
+        out = self.model(x.to(run.model_dtype), t)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"model output must have the shape of x {tuple(x.shape)}, got {got} (step {k})")
-        eps = eps.to(x.dtype)
+        eps = to_eps(out.to(x.dtype), x, run.table, t, self.prediction_type).to(x.dtype)
         counts.check(k, eps)
         return eps
 
@@ -515,8 +525,10 @@ class FusedSampler:
                 return plan
             plan_gen = generator if generator is None or generator.device.type == "cpu" else \
                 torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
+            eps_model = self.model if self.prediction_type == "epsilon" else \
+                EpsilonView(self.model, self.schedule.alphas_cumprod, self.prediction_type)
             return plan.plan(self.schedule, budget, batch_size=batch, generator=plan_gen,
-                             model=self.model, sample_shape=shape)
+                             model=eps_model, sample_shape=shape)
         raise TypeError(
             f"plan must be a StepPlan, a policy, a policy name or a list of timesteps, got {type(plan).__name__}"
         )

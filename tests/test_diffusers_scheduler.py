@@ -390,7 +390,7 @@ def test_unsupported_policies(name, kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(solver="euler"), "solver must be one of"),
     (dict(eta=1.5), "eta"),
-    (dict(prediction_type="v_prediction"), "prediction_type"),
+    (dict(prediction_type="velocity"), "prediction_type must be one of"),
     (dict(backend="tpu"), "backend"),
     (dict(beta_schedule="sigmoid"), "beta_schedule"),
     (dict(num_train_timesteps=10, trained_betas=[0.01] * 9), "trained_betas"),

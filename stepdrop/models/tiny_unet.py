@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from stepdrop._validation import check_bool, check_float, check_int
 from stepdrop.models._timesteps import as_timestep_vector
+from stepdrop.prediction import check_prediction_type
 
 __all__ = ["TinyUNet", "timestep_embedding"]
 
@@ -152,6 +153,11 @@ class TinyUNet(nn.Module):
         mid_attention: whether the middle block has self-attention (default True, as in DDPM).
         norm_groups: largest GroupNorm group count (default 32); each norm uses
             gcd(norm_groups, channels) groups so that the count divides the channels.
+        prediction_type: what the output means, one of
+            :data:`stepdrop.prediction.PREDICTION_TYPES` (default "epsilon"): the noise ε, the
+            velocity v = α_t·ε − σ_t·x0, or x0 ("sample"). It changes no weight; samplers read
+            it to convert the output (:func:`stepdrop.prediction.to_eps`), and checkpoints store
+            it with the architecture.
         zero_init_output: zero the final convolution's weights and bias (default False).
             True is the usual choice for training from scratch (the network starts at ε̂ = 0);
             False keeps a freshly built model a non-degenerate function of (x, t) for tests
@@ -174,6 +180,7 @@ class TinyUNet(nn.Module):
         time_embed_dim: int | None = None,
         mid_attention: bool = True,
         norm_groups: int = 32,
+        prediction_type: str = "epsilon",
         zero_init_output: bool = False,
     ):
         super().__init__()
@@ -191,6 +198,7 @@ class TinyUNet(nn.Module):
         time_embed_dim = 4 * base_channels if time_embed_dim is None else check_int("time_embed_dim", time_embed_dim, low=1)
         mid_attention = check_bool("mid_attention", mid_attention)
         norm_groups = check_int("norm_groups", norm_groups, low=1)
+        prediction_type = check_prediction_type(prediction_type)
         zero_init_output = check_bool("zero_init_output", zero_init_output)
 
         num_levels = len(channel_mults)
@@ -230,6 +238,7 @@ class TinyUNet(nn.Module):
             "time_embed_dim": time_embed_dim,
             "mid_attention": mid_attention,
             "norm_groups": norm_groups,
+            "prediction_type": prediction_type,
             "zero_init_output": zero_init_output,
         }
 
@@ -306,6 +315,11 @@ class TinyUNet(nn.Module):
         import inspect
 
         return tuple(p for p in inspect.signature(TinyUNet.__init__).parameters if p != "self")
+
+    @property
+    def prediction_type(self) -> str:
+        """What the output means: "epsilon", "v_prediction" or "sample" (:mod:`stepdrop.prediction`)."""
+        return self._config["prediction_type"]
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
