@@ -16,8 +16,6 @@ folder, fsync, then ``os.replace`` — an interrupted write never leaves a broke
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -74,8 +72,11 @@ def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable stepdrop checkpoint (corrupt or not a torch file): {exc}") from exc
+    except Exception as exc:  # random bytes reach the unpickler as any error (KeyError, IndexError, …)
+        # torch's first line only: the rest is advice (weights_only=False) that is wrong for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path} is not a readable stepdrop checkpoint (corrupt or not a torch file): "
+                              f"{type(exc).__name__}: {first}") from exc
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise CheckpointError(

@@ -1,4 +1,4 @@
-"""The ``stepdrop`` command line: ``stepdrop train``, ``export``, ``sample`` and ``compare``."""
+"""The ``stepdrop`` command line: ``stepdrop train``, ``export``, ``sample``, ``compare`` and ``diagnose``."""
 
 from __future__ import annotations
 
@@ -32,12 +32,13 @@ def _ints(text: str) -> tuple[int, ...]:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from stepdrop.train import LR_SCHEDULES, SCHEDULES, TrainConfig
     from stepdrop.data import DATASETS
+    from stepdrop.prediction import PREDICTION_TYPES
 
     d = TrainConfig()
     p = sub.add_parser(
         "train",
-        help="train a TinyUNet noise-prediction model",
-        description="Train a TinyUNet with the DDPM objective (MSE on the noise), AdamW, warm-up then cosine or "
+        help="train a TinyUNet diffusion model",
+        description="Train a TinyUNet with the DDPM objective (MSE on v, ε or x0: --prediction-type), AdamW, warm-up then cosine or "
         "constant LR, EMA weights and gradient clipping. Checkpoints (<out>/checkpoint.pt) are written atomically "
         "every --checkpoint-every steps and on Ctrl-C; --resume continues a run exactly (bit for bit on the CPU).",
         formatter_class=_HelpFormatter,
@@ -52,6 +53,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks, help="residual blocks per resolution")
     p.add_argument("--attention-resolutions", type=_ints, default=d.attention_resolutions, help="resolutions with self-attention, e.g. 16 (empty: none)")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout in the residual blocks")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type,
+                   help="what the network learns to output: v_prediction (v = α·ε − σ·x0, MSE weighted so that "
+                        "high noise is trained: the default), epsilon (the noise ε; the DDPM and StepDrop papers' "
+                        "objective, whose MSE barely trains t ≳ 750, so DDIM then needs clipping) or sample (x0)")
+    p.add_argument("--init", default=None,
+                   help="warm-start from this model file or checkpoint (its EMA weights; same architecture, any "
+                        "prediction type; fresh optimizer)")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="β schedule")
     p.add_argument("--num-timesteps", type=int, default=d.num_timesteps, help="T, diffusion steps")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (may grow on --resume)")
@@ -124,9 +132,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "the sampling loop without I/O, images/s, the timesteps used) and prints the table. A spec is "
         "[solver:]policy-budget[@num_samples] with solver ddim, ddpm or dpmpp_2m (DPM-Solver++(2M)): ddim-25, "
         "ddpm-1000 and dpmpp_2m-10 are the uniform policy with that solver; "
-        "other policies (uniform, quadratic, cosine, logsnr, importance, stepdrop, stepdrop_exact, noise_aware, "
-        "gradient_aware, combined, adaptive) use DDIM unless a solver is given (ddpm:importance-25); @N overrides "
-        "--num-samples for that spec.",
+        "other policies (uniform, quadratic, cosine, logsnr, importance, stepdrop, stepdrop_exact, "
+        "stepdrop_per_sample, noise_aware, gradient_aware, combined, adaptive) use DDIM unless a solver is given "
+        "(ddpm:importance-25); @N overrides --num-samples for that spec.",
         formatter_class=_HelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
@@ -294,6 +302,83 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    from stepdrop.data import DATASETS
+
+    p = sub.add_parser(
+        "diagnose",
+        help="a model's ε and x̂0 error per timestep on real images, beside a linear-Gaussian reference",
+        description="Noise real test images to each timestep of a grid and measure the model's ε-MSE and x̂0-RMSE "
+        "there, next to the best linear estimator built from the training set's mean and covariance (which a "
+        "trained network should match or beat at high noise). Shows where a model is under-trained before anyone "
+        "samples it. Prints a table with the weak range; writes <out>/diagnosis.json, diagnosis.csv and "
+        "diagnosis.png. MODEL is a model shipped with stepdrop or a checkpoint / model file; several compare on "
+        "one plot.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="shipped model names or files (default: the first shipped model)")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="images (default: the dataset of the first model's file)")
+    p.add_argument("--data-root", default=None, help="folder with the dataset files")
+    p.add_argument("--num-images", type=int, default=256, help="test images per timestep")
+    p.add_argument("--timesteps", type=_ints, default=None,
+                   help="comma-separated timesteps (default 0, 50, …, 950 and T−1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draw")
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="diagnosis", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_diagnose)
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from stepdrop._io import ensure_writable_folder
+    from stepdrop.checkpoint import load_checkpoint, load_pretrained, pretrained_names
+    from stepdrop.data import load_images
+    from stepdrop.diagnose import diagnose, format_diagnosis, plot_diagnosis, test_and_reference, write_diagnosis
+
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _set_threads(args.threads)
+    out = ensure_writable_folder(args.out)
+    names = args.models or list(pretrained_names()[:1])
+    if not names:
+        raise ValueError("no model is shipped with this installation: name a model file")
+    shipped = set(pretrained_names())
+    loaded = [load_pretrained(n, map_location=args.device) if n in shipped else
+              load_checkpoint(n, map_location=args.device) for n in names]
+    dataset = args.dataset or (loaded[0].meta or {}).get("dataset") or "fashion-mnist"
+    channels = loaded[0].model.sample_shape[0]
+    test = load_images(dataset, "test", root=args.data_root, channels=channels)
+    train = load_images(dataset, "train", root=args.data_root, channels=channels)
+    if args.num_images > len(test):
+        raise ValueError(f"--num-images must be in [1, {len(test)}] (the {dataset} test split), got {args.num_images}")
+    images, reference = test_and_reference(test, train, args.num_images)
+    timesteps = None if args.timesteps is None else list(args.timesteps)
+    curves, report = {}, {}
+    for name, model in zip(names, loaded):
+        rows = diagnose(model.model, model.schedule, images, reference, timesteps=timesteps,
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+        label = Path(name).stem if name not in shipped else name
+        curves[f"{label} ({model.model.prediction_type})"] = rows
+        report[name] = rows
+        print(f"{name} ({model.model.prediction_type}):\n{format_diagnosis(rows)}\n")
+    folder = out if len(names) == 1 else None
+    for name, rows in report.items():
+        target = folder or out / (Path(name).stem if name not in shipped else name)
+        meta = {"model": name, "dataset": dataset, "num_images": args.num_images, "seed": args.seed}
+        write_diagnosis(rows, target, meta)
+    png = plot_diagnosis(curves, out / "diagnosis.png")
+    print(f"diagnosis.json, diagnosis.csv and {png.name} in {out}")
+    return 0
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
@@ -318,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_sample(sub)
     _add_compare(sub)
+    _add_diagnose(sub)
     return parser
 
 

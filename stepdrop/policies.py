@@ -585,6 +585,7 @@ POLICIES: dict[str, Callable[..., StepPolicy | OnlinePolicy]] = {
     "importance": Importance,
     "stepdrop": StochasticStepDrop,
     "stepdrop_exact": lambda **kw: StochasticStepDrop(mode="exact", **kw),
+    "stepdrop_per_sample": lambda **kw: StochasticStepDrop(per_sample=True, **kw),
     "noise_aware": NoiseAware,
     "gradient_aware": GradientAware,
     "combined": Combined,

@@ -1,8 +1,14 @@
-"""Train a noise-prediction model: the DDPM objective (Ho et al. 2020, Algorithm 1).
+"""Train a diffusion model: the DDPM objective (Ho et al. 2020, Algorithm 1) in one of three
+parameterisations.
 
-loss = ‖ε − ε_θ(√ᾱ_t·x0 + √(1−ᾱ_t)·ε, t)‖², t ~ U{0..T−1}, ε ~ N(0, I), AdamW
+loss = ‖y − F_θ(x_t, t)‖², x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, t ~ U{0..T−1}, ε ~ N(0, I), with the
+target y = ε ("epsilon", the DDPM paper's and the StepDrop paper's objective), v = α_t·ε − σ_t·x0
+("v_prediction", Salimans & Ho 2022, the default) or x0 ("sample"); :mod:`stepdrop.prediction`
+says what each weights at high noise (ε-MSE barely trains t ≳ 750; v-MSE does). AdamW
 (Loshchilov & Hutter 2019), linear warm-up then cosine decay (or constant), EMA of the
-weights, gradient-norm clipping, bf16 autocast on a GPU.
+weights, gradient-norm clipping, bf16 autocast on a GPU. ``init`` warm-starts from a model
+file's weights with a fresh optimizer, in any parameterisation (an ε-model's weights read as a
+v-model are ε̂ = σ_t·x_t + α_t·F: right at both ends of the chain, wrong in between).
 
 Every random draw (data order, flips, t, ε, dropout) comes from generators whose states are
 saved in the checkpoint, so ``resume=True`` continues the run bit for bit on the CPU.
@@ -19,7 +25,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from stepdrop.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, 
 from stepdrop.data import DATASETS, ImageData, load_images
 from stepdrop.models import TinyUNet
 from stepdrop.ops.reference import q_sample
+from stepdrop.prediction import check_prediction_type, training_target
 from stepdrop.schedule import NoiseSchedule
 
 __all__ = ["TrainConfig", "train", "lr_at"]
@@ -43,6 +50,10 @@ LR_SCHEDULES = ("cosine", "constant")
 # comes from included), and `steps`, which extends the run (under the cosine LR schedule it
 # also stretches the remaining decay).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "out", "data_root", "device", "download")
+# What a checkpoint written before a setting existed was trained with.
+LEGACY_SETTINGS = {"prediction_type": "epsilon", "init": None}
+# Architecture keys a warm start (`init`) may change: they hold no weights.
+INIT_MAY_CHANGE = ("dropout", "prediction_type", "zero_init_output")
 
 
 @dataclass
@@ -57,6 +68,8 @@ class TrainConfig:
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
+    prediction_type: str = "v_prediction"
+    init: str | None = None  # model file (or checkpoint) whose weights start the run; fresh optimizer
     schedule: str = "linear"
     num_timesteps: int = 1000
     steps: int = 20_000
@@ -90,6 +103,9 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, low=0.0)
         check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_bool("download", self.download)
+        check_prediction_type(self.prediction_type)
+        if self.init is not None and not isinstance(self.init, str):
+            raise TypeError(f"init must be a path string or None, got {type(self.init).__name__}")
 
     def model_config(self) -> dict[str, Any]:
         return {
@@ -100,6 +116,7 @@ class TrainConfig:
             "num_res_blocks": self.num_res_blocks,
             "attention_resolutions": list(self.attention_resolutions),
             "dropout": self.dropout,
+            "prediction_type": self.prediction_type,
         }
 
     def noise_schedule(self) -> NoiseSchedule:
@@ -126,12 +143,14 @@ def lr_at(step: int, config: TrainConfig) -> float:
 class _Run:
     """The mutable state of one training run, (de)serialised as a checkpoint."""
 
-    def __init__(self, config: TrainConfig, device: torch.device):
+    def __init__(self, config: TrainConfig, device: torch.device, warm_start: bool = True):
         self.config = config
         self.device = device
         self.schedule = config.noise_schedule()
         torch.manual_seed(config.seed)  # initial weights; dropout later draws from this RNG too
         self.model = TinyUNet(**config.model_config(), zero_init_output=True).to(device)
+        if config.init is not None and warm_start:
+            _warm_start(self.model, config.init)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.data_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -142,8 +161,16 @@ class _Run:
         self.order: torch.Tensor | None = None
         self.wall_time_s = 0.0
         self.losses: list[float] = []
+        self.pending: list[torch.Tensor] = []  # losses still on the device (read in batches: no sync per step)
+
+    def flush_losses(self) -> None:
+        """Move the pending losses to :attr:`losses` (one host sync for all of them)."""
+        if self.pending:
+            self.losses.extend(torch.stack(self.pending).tolist())
+            self.pending.clear()
 
     def state(self) -> dict[str, Any]:
+        self.flush_losses()
         return {
             "format": CHECKPOINT_FORMAT,
             "version": FORMAT_VERSION,
@@ -174,12 +201,12 @@ class _Run:
         self.step = int(payload["step"])
         data = payload["data"]
         self.epoch, self.position, self.order = int(data["epoch"]), int(data["position"]), data["order"]
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
+        rng = payload["rng"]  # generator states are CPU byte tensors, wherever the checkpoint was mapped
+        torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.data_gen.set_state(rng["data"])
-        self.noise_gen.set_state(rng["noise"])
+            torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+        self.data_gen.set_state(rng["data"].cpu())
+        self.noise_gen.set_state(rng["noise"].cpu())
         self.wall_time_s = float(payload["wall_time_s"])
         self.losses = list(payload["losses"])
 
@@ -211,6 +238,8 @@ def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None =
     if not resume and ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
     device = _pick_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
     data = data if data is not None else load_images(config.dataset, "train", root=config.data_root,
                                                      channels=config.channels, download=config.download)
     if data.num_channels != config.channels:
@@ -218,13 +247,18 @@ def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None =
     if len(data) < config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {len(data)} training images")
 
-    run = _Run(config, device)
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         payload = read_file(ckpt_path, map_location=device)
-        _check_same_config(payload.get("train_config", {}), config, ckpt_path)
+        saved = {**LEGACY_SETTINGS, **payload.get("train_config", {})}
+        if config.init is None:  # the warm start is history once the run has a checkpoint
+            config = replace(config, init=saved["init"])
+        _check_same_config(saved, config, ckpt_path)
+        run = _Run(config, device, warm_start=False)
         run.load(payload)
+    else:
+        run = _Run(config, device)
 
     table = run.schedule.table(device, torch.float32)
     T = run.schedule.num_timesteps
@@ -234,12 +268,14 @@ def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None =
     with _DeferredInterrupt() as interrupt:
         try:
             while run.step < config.steps and not interrupt.requested:
-                loss_value = _train_step(run, data, table, T)
+                _train_step(run, data, table, T)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(run.step - 1, config):.2e}")
                 if run.step % config.log_every == 0:
+                    run.flush_losses()
                     recent = run.losses[-config.log_every:]
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(run.step - 1, config):.2e}")
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": run.step, "loss": sum(recent) / len(recent),
                                             "lr": lr_at(run.step - 1, config)}) + "\n")
@@ -263,20 +299,21 @@ def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None =
     return ckpt_path
 
 
-def _train_step(run: _Run, data: ImageData, table: torch.Tensor, T: int) -> float:
-    """One optimizer step of the DDPM objective; returns the loss."""
+def _train_step(run: _Run, data: ImageData, table: torch.Tensor, T: int) -> None:
+    """One optimizer step of the DDPM objective; its loss joins ``run.pending``."""
     config, device = run.config, run.device
     idx = run.next_indices(len(data))
     x0 = data.batch(idx, generator=run.data_gen).to(device)
     t = torch.randint(0, T, (x0.shape[0],), generator=run.noise_gen).to(device)
     eps = torch.randn(x0.shape, generator=run.noise_gen).to(device)
     x_t = q_sample(x0, eps, table, t)
+    target = training_target(x0, eps, table, t, config.prediction_type)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.step, config)
     run.model.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         pred = run.model(x_t, t)
-    loss = F.mse_loss(pred.float(), eps)
+    loss = F.mse_loss(pred.float(), target)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip > 0:
@@ -284,9 +321,7 @@ def _train_step(run: _Run, data: ImageData, table: torch.Tensor, T: int) -> floa
     run.optimizer.step()
     _ema_update(run.ema, run.model, config.ema_decay)
     run.step += 1
-    loss_value = float(loss.detach())
-    run.losses.append(loss_value)
-    return loss_value
+    run.pending.append(loss.detach())
 
 
 class _DeferredInterrupt:
@@ -310,10 +345,23 @@ class _DeferredInterrupt:
 
 @torch.no_grad()
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    # one multi-tensor kernel instead of one lerp per parameter (~100 launches on a GPU)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def _warm_start(model: TinyUNet, path: str) -> None:
+    """Load the weights of a model file or checkpoint (its EMA weights) into ``model``, whose
+    architecture must match it except for :data:`INIT_MAY_CHANGE`."""
+    payload = read_file(path)
+    theirs = {k: v for k, v in TinyUNet.from_config(payload["model_config"]).config.items() if k not in INIT_MAY_CHANGE}
+    ours = {k: v for k, v in model.config.items() if k not in INIT_MAY_CHANGE}
+    diffs = [f"{k}: {theirs.get(k)!r} there vs {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k]]
+    if diffs:
+        raise ValueError(f"init={path} has another architecture ({'; '.join(diffs)}); only {INIT_MAY_CHANGE} "
+                         f"may differ from the run's")
+    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in payload["ema"].items()})
 
 
 def _check_same_config(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:

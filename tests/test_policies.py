@@ -1,4 +1,4 @@
-"""Step policies (DESIGN.md §4): every plan is a valid StepPlan of the promised size, the
+"""Step policies (docs/DESIGN.md §4): every plan is a valid StepPlan of the promised size, the
 spacings have the shapes the papers describe, stochastic plans are reproducible from a seed,
 and bad input fails with an error that names the argument."""
 
@@ -112,16 +112,17 @@ def test_plan_invariants_and_size(name, sname, K):
     plan = make_plan(name, schedule, K)
     assert isinstance(plan, StepPlan)
     assert plan.num_train_timesteps == T
-    assert not plan.per_sample
-    calls = assert_valid_row(plan.timesteps, T)
-    if name == "stepdrop":  # bernoulli: the count varies around K (test_bernoulli_mean_count)
+    assert plan.per_sample == (name == "stepdrop_per_sample")  # a plan per sample even for a batch of 1
+    timesteps = plan.timesteps[0] if plan.per_sample else plan.timesteps
+    calls = assert_valid_row(timesteps, T)
+    if name in ("stepdrop", "stepdrop_per_sample"):  # bernoulli: the count varies around K (test_bernoulli_mean_count)
         assert calls >= 1
-        assert calls == int(plan.num_steps)
+        assert calls == int(plan.num_steps.max())
     else:
         assert plan.timesteps.shape == (K + 1,)
         assert calls == K == int(plan.num_steps)
-    if name in ("uniform", "quadratic", "cosine", "stepdrop", "stepdrop_exact", "noise_aware", "logsnr",
-                "importance", "gradient_aware", "combined"):
+    if name in ("uniform", "quadratic", "cosine", "stepdrop", "stepdrop_exact", "stepdrop_per_sample", "noise_aware",
+                "logsnr", "importance", "gradient_aware", "combined"):
         # every spacing is "trailing": sampling starts from pure noise at T-1
         assert plan.row()[0] == T - 1
 

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import random
 import signal
 import re
 import shutil
@@ -419,9 +420,11 @@ def test_resume_without_a_checkpoint(tmp_path):
         train(make_config(tmp_path / "empty"), resume=True, data=make_data(), progress=False)
 
 
-def test_resume_from_a_corrupt_checkpoint(tmp_path):
+@pytest.mark.parametrize("seed", range(8))
+def test_resume_from_a_corrupt_checkpoint(tmp_path, seed):
+    # seeded bytes: the unpickler fails on random input in many ways (KeyError, IndexError, …)
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "checkpoint.pt").write_bytes(os.urandom(500))
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(random.Random(seed).randbytes(500))
     with pytest.raises(CheckpointError, match="not a readable stepdrop checkpoint"):
         train(make_config(tmp_path / "r"), resume=True, data=make_data(), progress=False)
 
@@ -796,3 +799,98 @@ def test_cli_train_download_reaches_load_images(tmp_path, monkeypatch, capsys):
 def test_download_must_be_a_bool(tmp_path):
     with pytest.raises(TypeError, match="download"):
         make_config(tmp_path / "r", download="yes")
+
+
+# ----------------------------------------------------------------------------- 7. prediction types, warm start
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_is_the_mse_on_the_target_of_the_prediction_type(tmp_path, monkeypatch, prediction_type):
+    """The first step's loss, recomputed by hand from the same draws: the model's output against
+    ε, v = α·ε − σ·x0 or x0, written out here."""
+    config = make_config(tmp_path / "run", steps=1, prediction_type=prediction_type, dropout=0.0)
+    data = make_data()
+    seen = {}
+    real = train_mod.q_sample
+
+    def spy(x0, eps, table, t):
+        seen.update(x0=x0.clone(), eps=eps.clone(), t=t.clone())
+        return real(x0, eps, table, t)
+
+    monkeypatch.setattr(train_mod, "q_sample", spy)
+    payload = load_raw(train(config, data=data, progress=False))
+    assert payload["model_config"]["prediction_type"] == prediction_type
+    model = initial_model(config)
+    a = config.noise_schedule().alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
+    alpha, sigma = a.sqrt().float(), (1 - a).sqrt().float()
+    x_t = alpha * seen["x0"] + sigma * seen["eps"]
+    target = {"epsilon": seen["eps"], "sample": seen["x0"],
+              "v_prediction": alpha * seen["eps"] - sigma * seen["x0"]}[prediction_type]
+    # the zero-initialised output layer: the first prediction is 0 whatever the type
+    assert float(model(x_t, seen["t"]).abs().max()) == 0.0
+    assert payload["losses"][0] == pytest.approx(float(target.pow(2).mean()), rel=1e-6)
+
+
+def test_init_warm_starts_from_a_model_file(tmp_path, trained):
+    """--init: the new run starts from the file's EMA weights (in any parameterisation), with a
+    fresh optimizer; the first step's update is then taken from those weights."""
+    _, ckpt = trained
+    exported = export_model(ckpt, tmp_path / "eps.pt", half=False)
+    payload = load_raw(exported)  # weights far from any fresh initialisation
+    g = torch.Generator().manual_seed(0)
+    payload["ema"] = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                      for k, v in payload["ema"].items()}
+    atomic_save(payload, exported)
+    config = make_config(tmp_path / "warm", steps=1, prediction_type="v_prediction", init=str(exported),
+                         schedule="cosine", checkpoint_every=1)
+    saved = []
+    real = train_mod.atomic_save
+    train_mod.atomic_save = lambda payload, path: (saved.append(copy.deepcopy(payload)), real(payload, path))[1]
+    try:
+        train(config, data=make_data(), progress=False)
+    finally:
+        train_mod.atomic_save = real
+    start = load_raw(exported)["ema"]
+    after = saved[-1]
+    assert after["train_config"]["init"] == str(exported) and after["optimizer"]["state"][0]["step"] == 1
+    # one AdamW step of size ≤ lr·(1 + tiny) away from the init weights, and not from a fresh init
+    fresh = initial_model(config).state_dict()
+    for k, v in start.items():
+        if v.is_floating_point():
+            assert float((after["model"][k] - v).abs().max()) <= 1.01 * config.lr, k
+    assert max(float((fresh[k] - start[k]).abs().max()) for k in start if start[k].is_floating_point()) > 0.2
+
+
+def test_init_with_another_architecture_names_the_keys(tmp_path, trained):
+    _, ckpt = trained
+    with pytest.raises(ValueError, match=r"init=.* has another architecture \(base_channels: 8 there vs 16 here;"):
+        train(make_config(tmp_path / "w", init=str(ckpt), base_channels=16), data=make_data(), progress=False)
+
+
+def test_resume_keeps_the_warm_start_without_repeating_it(tmp_path, trained):
+    """A resumed warm-started run continues its checkpoint (the init file is not re-read: it may be
+    gone), and equals the straight run."""
+    _, ckpt = trained
+    init = shutil.copy(ckpt, tmp_path / "init.pt")
+    data = make_data()
+    straight = load_raw(train(make_config(tmp_path / "a", steps=4, init=str(init)), data=data, progress=False))
+    train(make_config(tmp_path / "b", steps=2, init=str(init)), data=data, progress=False)
+    os.unlink(init)
+    resumed = load_raw(train(make_config(tmp_path / "b", steps=4), resume=True, data=data, progress=False))
+    assert resumed["train_config"]["init"] == str(init)
+    assert state_diffs(straight, resumed) == []
+
+
+def test_resume_of_a_checkpoint_from_before_prediction_types(tmp_path):
+    """A checkpoint written before `prediction_type` and `init` existed was an ε run: it resumes as one."""
+    data = make_data()
+    path = train(make_config(tmp_path / "old", steps=2, prediction_type="epsilon"), data=data, progress=False)
+    payload = load_raw(path)
+    for key in ("prediction_type", "init"):
+        del payload["train_config"][key]
+    del payload["model_config"]["prediction_type"]
+    atomic_save(payload, path)
+    resumed = load_raw(train(make_config(tmp_path / "old", steps=3, prediction_type="epsilon"), resume=True,
+                             data=data, progress=False))
+    assert resumed["step"] == 3
+    with pytest.raises(ValueError, match=r"prediction_type: checkpoint 'epsilon' vs now 'v_prediction'"):
+        train(make_config(tmp_path / "old", steps=4, prediction_type="v_prediction"), resume=True, data=data,
+              progress=False)
