@@ -1,4 +1,4 @@
-"""Shared set-up for the pytest-benchmark suites (DESIGN.md §6: warm-up, device sync, several
+"""Shared set-up for the pytest-benchmark suites (docs/DESIGN.md §6: warm-up, device sync, several
 rounds, medians, always a ratio against a baseline run in the same process).
 
 * one thread count for every timing;

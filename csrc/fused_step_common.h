@@ -1,7 +1,7 @@
 // Shared by the CPU and CUDA fused step: the parameter struct and the per-sample /
 // per-element mathematics. Torch-free and CUDA-runtime-free; the functions compile as
 // __host__ __device__ under nvcc. The specification is stepdrop/ops/reference.py
-// (DESIGN.md §4); the formulas below follow it operation by operation, so the float64
+// (docs/DESIGN.md §4); the formulas below follow it operation by operation, so the float64
 // coefficients agree with the reference's to float64 rounding (not bit for bit: the
 // reference takes 1/√ᾱ_t with torch's rsqrt, this code with 1.0 / sqrt; the tests compare
 // with a 1e-12 tolerance).

@@ -5,7 +5,7 @@ little about 32×32 grey clothing. For Fashion-MNIST samples stepdrop instead ap
 formula, ``exp(E_x[KL(p(y|x) || p(y))])``, to the softmax of this small CNN trained on
 Fashion-MNIST. The result is reported as the **classifier score** — it is *not* the Inception
 Score, is not comparable to published IS values, and is comparable only between runs scored
-with the same classifier file (DESIGN.md §6).
+with the same classifier file (docs/DESIGN.md §6).
 
     >>> model = load_classifier()                                    # doctest: +SKIP
     >>> probs = predict_probs(model, samples)          # samples in [-1, 1], [N, 1, 32, 32]
@@ -150,7 +150,7 @@ def classifier_score(probs: Tensor) -> float:
     """``exp(mean_i KL(p(y|x_i) || p(y)))`` with ``p(y) = mean_i p(y|x_i)`` — the Inception-Score
     formula over one split, applied to *this* classifier's probabilities.
 
-    This is **not** the Inception Score: report it as "classifier score" (DESIGN.md §6). It
+    This is **not** the Inception Score: report it as "classifier score" (docs/DESIGN.md §6). It
     ranges from 1 (every image gets the same distribution, e.g. all confidently one class) to
     the number of classes (each image confidently one class, classes equally frequent).
     Computed in float64; ``0 · log 0 = 0``.

@@ -3,7 +3,7 @@
 FLOPs come from ``torch.utils.flop_counter`` on one batch-1 forward (convolutions,
 transposed convolutions, matmuls and scaled-dot-product attention are counted; elementwise
 ops are not, as usual). A run's FLOPs are this × its *counted* NFE, never an assumed step
-count (DESIGN.md §6).
+count (docs/DESIGN.md §6).
 """
 
 from __future__ import annotations

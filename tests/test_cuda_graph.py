@@ -1,5 +1,5 @@
 """FusedSampler(cuda_graph=True): the whole K-step loop captured once into a CUDA graph and
-replayed over static buffers (DESIGN.md §5).
+replayed over static buffers (docs/DESIGN.md §5).
 
 On any machine: argument validation, and the captured loop body itself — the loop over the
 static buffers (x_T, the [B, L] plan, the [K, B, …] noise filled from the generator) is run on

@@ -1,5 +1,5 @@
 """``stepdrop.ops.fused_step`` rejects malformed input at the Python boundary with a
-TypeError/ValueError whose message names the offending argument (DESIGN.md §5)."""
+TypeError/ValueError whose message names the offending argument (docs/DESIGN.md §5)."""
 
 from __future__ import annotations
 

@@ -429,7 +429,7 @@ def test_cuda_batch_beyond_grid_y_limit(backend):
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_graph_replays_each_step_with_its_own_k(backend):
     """The whole K-step loop captured once: replay equals the eager run bit for bit, and a new
-    plan copied into the static plan buffer is followed on the next replay (DESIGN.md §5)."""
+    plan copied into the static plan buffer is followed on the next replay (docs/DESIGN.md §5)."""
     need_cuda_backend(backend)
     batch, steps = 9, LENGTH - 1
     case = make_plan_case(batch, SHAPE, torch.float32, solver="ddpm", eta=0.0, k=0, length=LENGTH, seed=21,

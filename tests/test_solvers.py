@@ -83,7 +83,7 @@ def paper_ddim(x, eps, z, table, t, s, eta, clip=None):
 
 
 def skipped_posterior(x, eps, z, table, t, s, clip=None):
-    """q(x_s | x_t, x̂0) for any s < t (DESIGN.md §4, Markovian skipped-step), float64:
+    """q(x_s | x_t, x̂0) for any s < t (docs/DESIGN.md §4, Markovian skipped-step), float64:
     α_{t|s} = ᾱ_t/ᾱ_s, β_{t|s} = 1 − α_{t|s};
     mean = √ᾱ_s·β_{t|s}/(1−ᾱ_t)·x̂0 + √α_{t|s}·(1−ᾱ_s)/(1−ᾱ_t)·x_t, var = (1−ᾱ_s)/(1−ᾱ_t)·β_{t|s}.
     With clipping only the x̂0 term sees the clip (x_t stays raw), as in Ho et al. / diffusers."""
@@ -295,7 +295,7 @@ def test_ddim_nonuniform_plan_matches_paper(backend, plan, eta, clip):
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_diffusers_ddim_differs_on_nonuniform_plans(eta):
-    """Documents the diffusers DDIM bug (DESIGN.md §4): DDIMScheduler.step takes the previous
+    """Documents the diffusers DDIM bug (docs/DESIGN.md §4): DDIMScheduler.step takes the previous
     timestep as t − T//K, so on a non-uniform plan it steps to the wrong ᾱ_s. stepdrop follows
     the plan (checked against the paper above); diffusers visibly departs from it."""
     plan = NONUNIFORM_PLANS[0]
@@ -335,7 +335,7 @@ def _random_pairs(B, seed):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "scaled_linear"])
 def test_ddpm_posterior_equals_ddim_eta_one(backend, schedule):
-    """DESIGN.md §4: the Markovian skipped-step posterior is DDIM with η = 1, for any s < t
+    """docs/DESIGN.md §4: the Markovian skipped-step posterior is DDIM with η = 1, for any s < t
     (with x̂0 unclipped: clipping breaks the identity, since DDPM keeps x_t where DDIM keeps ε)."""
     table = getattr(NoiseSchedule, schedule)(T).alphas_cumprod
     t, s, x, eps, z = _random_pairs(256, 11)

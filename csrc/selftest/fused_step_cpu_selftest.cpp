@@ -1,6 +1,6 @@
 // Torch-free smoke test of the CPU fused step (built and run by CMake/ctest): DDIM, DDPM,
 // the clean end s = -1, clipping, masking and index clamping against the formulas of
-// DESIGN.md §4 written out independently in float64; plan mode against the t/s/active
+// docs/DESIGN.md §4 written out independently in float64; plan mode against the t/s/active
 // mode; the gradient-norm probe on float16 data. Exit status 0 on success.
 #include <cmath>
 #include <cstdio>

@@ -1,4 +1,4 @@
-"""Input validation of the fused ops, at the Python boundary (DESIGN.md §5).
+"""Input validation of the fused ops, at the Python boundary (docs/DESIGN.md §5).
 
 Every check raises ``TypeError`` for a wrong type and ``ValueError`` for a wrong value or
 shape, naming the argument and its legal range. Checks of tensor *values* (timesteps, plan

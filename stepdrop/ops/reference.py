@@ -1,6 +1,6 @@
 """Pure-torch reference of the fused sampling step: the specification every backend matches.
 
-One transition t → s of a discrete-time VP diffusion, per sample (DESIGN.md §4):
+One transition t → s of a discrete-time VP diffusion, per sample (docs/DESIGN.md §4):
 
     x̂0  = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t                      (optionally clipped to [−c, c])
     x_s = c_x0·x̂0 + c_x·x_t + c_eps·ε + σ·z
