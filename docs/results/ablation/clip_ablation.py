@@ -2,7 +2,7 @@
 set STEPDROP_FEATURE_CACHE to a folder that already holds the 5k reference features to skip
 them). Writes clip_ablation_quadratic<K>.json beside this file.
 
-Why was DPM-Solver++(2M) worse than DDIM at quadratic-20 on the embedded model (2k study, with
+Why was DPM-Solver++(2M) worse than DDIM at quadratic-20 on the earlier ε model (fashion-mnist-eps) (2k study, with
 x̂0 clipped before the extrapolation: 69.4 vs 52.9)? Candidates: the second-order extrapolation,
 or where the clip acts. DDIM clips x̂0 and keeps ε, so the clipped-away part is dropped; clipping
 x̂0 before the data-prediction update (diffusers' thresholding) keeps it in (σ_s/σ_t)·x_t.
@@ -31,7 +31,7 @@ original_eps, original_kwargs = ms.dpmpp_2m_eps, sm.FusedSampler._step_kwargs
 def setup():
     """(model, schedule, the 5k reference features), on one CPU thread."""
     torch.set_num_threads(1)
-    loaded = load_pretrained("fashion-mnist")
+    loaded = load_pretrained("fashion-mnist-eps")  # the ε model the ablation was run on
     cache = os.environ.get("STEPDROP_FEATURE_CACHE")
     return loaded.model, loaded.schedule, metrics.reference_features("fashion-mnist", "test", 5000, cache_dir=cache)
 

@@ -1,18 +1,21 @@
 #!/bin/bash
-# The 2k study, from the repository root: bash docs/results/study-2k/run.sh [OUT]
+# The 2k study on the embedded v-prediction model, from the repository root:
+#   bash docs/results/study-2k/run.sh [OUT]
+# Unclipped sampling (--clip 0) for every cell, then a clipped column at 25 calls in OUT-clipped.
 # Resumable: finished cells in OUT/cells are kept, a cell in progress resumes from its last
-# batch, so re-running continues an interrupted run. About 5 h on a quiet 2-core CPU
-# (DDPM-1000 about 1 h 35 min of it, the 29 other cells 5 to 12 min each); on a GPU add
-# --device cuda --cuda-graph (and --backend triton or cuda).
+# batch, so re-running continues an interrupted run. Hours on a 2-core CPU (DDPM-1000 about 2 h
+# of it); on a GPU add --device cuda --cuda-graph.
 set -euo pipefail
 OUT=${1:-study-2k}
-CELLS=ddim:logsnr-10,ddim:logsnr-20,ddim:logsnr-25,ddim:logsnr-50
-for c in stepdrop_exact-10 stepdrop_exact-20 stepdrop_exact-25 stepdrop_exact-50; do
-  CELLS=$CELLS,ddim:$c
+COMMON=(--num-samples 2000 --ref-samples 5000 --bootstrap 50 --batch-size 100 --threads 2)
+CELLS=""
+for k in 10 20 25 50; do
+  CELLS=$CELLS,ddim:logsnr-$k,ddim:stepdrop_exact-$k,ddim:stepdrop_per_sample-$k,dpmpp_2m:quadratic-$k,dpmpp_2m:logsnr-$k
 done
-for c in logsnr-10 quadratic-20 logsnr-20 quadratic-25 quadratic-10 logsnr-25 quadratic-50 logsnr-50; do
-  CELLS=$CELLS,dpmpp_2m:$c
-done
-python -m stepdrop.cli compare --num-samples 2000 --ref-samples 5000 --bootstrap 50 --batch-size 100 \
-  --policies uniform,quadratic,stepdrop --budgets 10,20,25,50 --cells "$CELLS" \
-  --references ddim-100,ddpm-1000 --threads 2 --out "$OUT"
+python -m stepdrop.cli compare "${COMMON[@]}" --clip 0 \
+  --policies uniform,quadratic,stepdrop,importance,noise_aware --budgets 10,20,25,50 --cells "${CELLS#,}" \
+  --references ddim-100,ddpm-1000 --out "$OUT"
+# the same cells at 25 calls with x̂0 clipped to [-1, 1], for comparison
+python -m stepdrop.cli compare "${COMMON[@]}" --clip 1 \
+  --policies uniform,quadratic,logsnr,stepdrop --budgets 25 --cells dpmpp_2m:quadratic-25,dpmpp_2m:logsnr-25 \
+  --references "" --out "$OUT-clipped"
