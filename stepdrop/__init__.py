@@ -5,8 +5,8 @@ Fewer model calls (step policies), cheaper calls (fused kernels), and counted co
     >>> from stepdrop import FusedSampler, NoiseSchedule, TinyUNet
 """
 
-from stepdrop.ops import BACKENDS, CLEAN, SOLVERS, available_backends, fused_plan_step, fused_step, grad_probe
-from stepdrop.multistep import SAMPLER_SOLVERS
+from stepdrop.ops import BACKENDS, CLEAN, available_backends, fused_plan_step, fused_step, grad_probe
+from stepdrop.solvers import SOLVERS, Solver, get_solver
 from stepdrop.plan import StepPlan
 from stepdrop.policies import (
     POLICIES,
@@ -33,8 +33,9 @@ __all__ = [
     "BACKENDS",
     "CLEAN",
     "POLICIES",
-    "SAMPLER_SOLVERS",
     "SOLVERS",
+    "Solver",
+    "get_solver",
     "Adaptive",
     "Combined",
     "Cosine",

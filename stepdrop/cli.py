@@ -123,6 +123,7 @@ DEFAULT_SPECS = "ddpm-1000@4,ddim-10,ddim-25,stepdrop-25,adaptive-25"
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     from stepdrop.ops import BACKENDS
+    from stepdrop.solvers import SOLVERS
 
     p = sub.add_parser(
         "sample",
@@ -130,7 +131,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         description="Sample a model with each policy spec from the same initial noise. Writes <out>/<spec>.png "
         "(a grid per spec), <out>/results.json and results.csv (counted NFE per sample, model calls, wall time of "
         "the sampling loop without I/O, images/s, the timesteps used) and prints the table. A spec is "
-        "[solver:]policy-budget[@num_samples] with solver ddim, ddpm or dpmpp_2m (DPM-Solver++(2M)): ddim-25, "
+        f"[solver:]policy-budget[@num_samples] with a solver of {', '.join(SOLVERS)}: ddim-25, "
         "ddpm-1000 and dpmpp_2m-10 are the uniform policy with that solver; "
         "other policies (uniform, quadratic, cosine, logsnr, importance, stepdrop, stepdrop_exact, "
         "stepdrop_per_sample, noise_aware, gradient_aware, combined, adaptive) use DDIM unless a solver is given "
@@ -206,6 +207,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     from stepdrop.data import DATASETS
     from stepdrop.metrics import EXTRACTORS
     from stepdrop.ops import BACKENDS
+    from stepdrop.solvers import solver_help
 
     d = CompareConfig()
     p = sub.add_parser(
@@ -231,7 +233,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", type=_ints, default=None,
                    help=f"model calls per sample, comma-separated (default {','.join(map(str, d.budgets))})")
     p.add_argument("--solvers", default=None,
-                   help=f"comma-separated: ddim, ddpm, dpmpp_2m (DPM-Solver++(2M), deterministic, second order) "
+                   help=f"comma-separated solvers ({solver_help()}) "
                         f"(default {','.join(d.solvers)})")
     p.add_argument("--cells", default="",
                    help="extra cells as specs [solver:]policy-budget[@num_samples], ranked with the grid "

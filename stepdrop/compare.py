@@ -42,7 +42,7 @@ from stepdrop._io import ensure_writable_folder
 from stepdrop.checkpoint import atomic_save
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.cost import PeakMemory, gflops_per_call
-from stepdrop.multistep import SAMPLER_SOLVERS
+from stepdrop.solvers import SOLVERS, get_solver
 from stepdrop.policies import POLICIES, OnlinePolicy, get_policy
 from stepdrop.runs import RunSpec, parse_spec
 from stepdrop.sampler import FusedSampler, _clock
@@ -88,7 +88,7 @@ class CompareConfig:
         for p in self.policies:
             check_choice("policies", p, tuple(POLICIES))
         for s in self.solvers:
-            check_choice("solvers", s, SAMPLER_SOLVERS)
+            check_choice("solvers", s, SOLVERS)
         for b in self.budgets:
             check_int("budgets", b, low=1)
         for r in self.cells + self.references:
@@ -387,7 +387,7 @@ def run_compare(
                                         progress)
             done["metric_key"] = metric_key
             _save(done, path)
-        eta = 1.0 if spec.solver == "ddpm" else 0.0
+        eta = 1.0 if get_solver(spec.solver).stochastic else 0.0  # the cell's η column: 1 for a noisy solver
         row = _cell_row(spec, n, done["state"], gflops, config, eta)
         row.update(done["metrics"])
         rows.append(row)

@@ -45,12 +45,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 
 from stepdrop._validation import check_bool, check_choice, check_float, check_int, check_tensor
-from stepdrop.ops import BACKENDS, FLOAT_DTYPES, SOLVERS, fused_step
+from stepdrop.ops import BACKENDS, FLOAT_DTYPES, fused_step
 from stepdrop.ops.reference import CLEAN, q_sample
 from stepdrop.plan import StepPlan
 from stepdrop.policies import OnlinePolicy, StepPolicy, get_policy
 from stepdrop.prediction import check_prediction_type, to_eps
 from stepdrop.schedule import NoiseSchedule
+from stepdrop.solvers import StepInfo, get_solver
 
 __all__ = ["StepDropScheduler", "StepDropSchedulerOutput"]
 
@@ -88,9 +89,13 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
             "importance", "noise_aware" — or a stochastic one ("stepdrop", "stepdrop_exact")
             with ``per_sample=False``; the plan is then drawn in each :meth:`set_timesteps`.
         policy_kwargs: keyword arguments of the policy (a JSON-serialisable dict, default None).
-        solver: "ddim" (default; deterministic for eta = 0) or "ddpm" (posterior q(x_s|x_t, x̂0):
-            ancestral DDPM on a full plan, Markovian skipped-step sampling on a sub-plan).
-        eta: DDIM's η ∈ [0, 1] (default 0; ignored by "ddpm"); :meth:`step` may override it.
+        solver: a name from :data:`stepdrop.solvers.SOLVERS`: "ddim" (default; deterministic
+            for eta = 0), "ddpm" (posterior q(x_s|x_t, x̂0)), or a multistep solver
+            ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "unipc_3"), whose history of
+            data predictions the scheduler keeps between :meth:`step` calls: it starts afresh
+            at the plan's first timestep, after :meth:`set_timesteps`, for a new batch shape,
+            and whenever a step does not follow the previous one in the plan.
+        eta: DDIM's η ∈ [0, 1] (default 0; "ddim" only); :meth:`step` may override it.
         clip_sample: clip x̂0 to [−clip_sample_range, clip_sample_range] (default False).
         clip_sample_range: the clipping bound, > 0 (default 1.0).
         prediction_type: what the model predicts, one of
@@ -136,8 +141,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"trained_betas has {schedule.num_timesteps} entries but num_train_timesteps={T}")
         self.schedule = schedule
         self.policy = _make_policy(policy, policy_kwargs)
-        check_choice("solver", solver, SOLVERS)
-        check_float("eta", eta, low=0.0, high=1.0)
+        get_solver(solver, eta)  # checks both
         check_bool("clip_sample", clip_sample)
         check_float("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
         self._clip = float(clip_sample_range) if clip_sample else None
@@ -151,6 +155,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps: Tensor | None = None
         self.plan: StepPlan | None = None
         self._next: dict[int, int] = {}
+        self._memory: Any = None  # a multistep solver's history: (state, next expected t, batch shape)
 
     # ------------------------------------------------------------------ schedule views
     @property
@@ -211,6 +216,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         self._next = {t: s for t, s in zip(entries[:-1], entries[1:])}
         self.timesteps = plan.timesteps[:-1].to(device if device is not None else "cpu")
         self.num_inference_steps = len(entries) - 1
+        self._memory = None
 
     def previous_timestep(self, timestep: int | Tensor) -> int:
         """The plan's entry after ``timestep`` (the next one sampled; −1 = the clean end)."""
@@ -240,7 +246,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
 
         1. s = the plan's next entry after t, found by position (any plan, no stride assumed);
         2. z ~ N(0, I) from ``generator`` (diffusers' ``randn_tensor``) when the step is
-           stochastic (solver "ddpm" or η > 0) and s ≥ 0 (σ = 0 at the clean end);
+           stochastic ("ddpm", "dpmpp_2m_sde", "ddim" with η > 0) and s ≥ 0 (σ = 0 at the clean end);
         3. x̂0 and x_s from :func:`stepdrop.ops.fused_step` with t and s per sample.
 
         Args:
@@ -269,9 +275,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
             )
         if not (sample.dtype.is_floating_point and model_output.dtype.is_floating_point):
             raise TypeError(f"sample and model_output must be floating point, got {sample.dtype}, {model_output.dtype}")
-        solver = self.config.solver
-        eta = self.config.eta if eta is None else check_float("eta", eta, low=0.0, high=1.0)
-        stochastic = solver == "ddpm" or eta > 0
+        solver = get_solver(self.config.solver, self.config.eta if eta is None else eta)
 
         compute = sample.dtype if sample.dtype in FLOAT_DTYPES else torch.float32
         x = sample.to(compute)
@@ -280,8 +284,10 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         s = torch.full((B,), s_value, dtype=torch.int64, device=x.device)
         table = self.schedule.table(x.device, torch.float64)
         eps = to_eps(model_output.to(compute), x, table, t, self.config.prediction_type).to(compute)
+        if solver.history:
+            x, eps = self._multistep(solver, x, eps, table, t, s, t_value)
         noise = None
-        if stochastic:
+        if solver.stochastic:
             if s_value == CLEAN:  # σ = 0: no draw, so the generator's stream lines up with diffusers'
                 noise = torch.zeros_like(x)
             elif variance_noise is not None:
@@ -299,12 +305,30 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
 
         x_next, x0 = fused_step(
             x, eps, table, t, s,
-            noise=noise, solver=solver, eta=eta, clip=self._clip, return_x0=True, backend=self.config.backend,
+            noise=noise, solver=solver.rule.update, eta=solver.rule.eta, clip=self._clip, return_x0=True,
+            backend=self.config.backend,
         )
         x_next, x0 = x_next.to(sample.dtype), x0.to(sample.dtype)
         if not return_dict:
             return x_next, x0
         return StepDropSchedulerOutput(prev_sample=x_next, pred_original_sample=x0)
+
+    def _multistep(self, solver, x: Tensor, eps: Tensor, table: Tensor, t: Tensor, s: Tensor,
+                   t_value: int) -> tuple[Tensor, Tensor]:
+        """The solver's (x, ε') for this step, with its history carried over from the previous
+        :meth:`step` when this one follows it in the plan (module docstring of
+        :mod:`stepdrop.solvers.base`)."""
+        entries = self.plan.timesteps.tolist()
+        position = entries.index(t_value)
+        memory = self._memory
+        if memory is None or memory[1] != t_value or memory[2] != tuple(x.shape) or memory[3] != solver.name \
+                or position == 0:
+            memory = (solver.start(x), None, tuple(x.shape), solver.name)
+        remaining = torch.full_like(t, len(entries) - 1 - position)
+        info = StepInfo(position, table, t, s, torch.ones_like(t, dtype=torch.bool), remaining)
+        x, eps = solver.prepare(x, eps, info, memory[0])
+        self._memory = (memory[0], int(s[0]), memory[2], memory[3])
+        return x, eps
 
     def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
         """The model takes x_t unscaled: returns ``sample``."""

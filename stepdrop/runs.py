@@ -25,7 +25,7 @@ from torch import Tensor
 
 from stepdrop._io import atomic_write, atomic_write_bytes
 from stepdrop._validation import check_int
-from stepdrop.multistep import SAMPLER_SOLVERS
+from stepdrop.solvers import SOLVERS
 from stepdrop.policies import POLICIES, get_policy
 from stepdrop.sampler import FusedSampler
 from stepdrop.schedule import NoiseSchedule
@@ -54,14 +54,14 @@ def parse_spec(text: str) -> RunSpec:
         raise ValueError(f"policy spec {text!r} must look like [solver:]policy-budget[@num_samples], e.g. ddim-25, "
                          f"stepdrop-25, ddpm-1000@4")
     solver, policy = m["solver"], m["policy"]
-    if solver is None and policy in SAMPLER_SOLVERS:
+    if solver is None and policy in SOLVERS:
         solver, policy = policy, "uniform"
     solver = solver or "ddim"
-    if solver not in SAMPLER_SOLVERS:
-        raise ValueError(f"solver in {text!r} must be one of {SAMPLER_SOLVERS}, got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver in {text!r} must be one of {SOLVERS}, got {solver!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy in {text!r} must be one of {tuple(POLICIES)} (or a solver: "
-                         f"{', '.join(SAMPLER_SOLVERS)}), got {policy!r}")
+                         f"{', '.join(SOLVERS)}), got {policy!r}")
     samples = None if m["samples"] is None else check_int("num_samples", int(m["samples"]), low=1)
     return RunSpec(text.strip(), solver, policy, int(m["budget"]), samples)
 

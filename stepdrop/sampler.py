@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from stepdrop._validation import check_bool, check_choice, check_float, check_int, check_tensor, model_device_dtype
-from stepdrop.multistep import MULTISTEP_SOLVERS, SAMPLER_SOLVERS, dpmpp_2m_eps
 from stepdrop.ops import (
     BACKENDS,
     FLOAT_DTYPES,
@@ -41,6 +40,7 @@ from stepdrop.plan import StepPlan
 from stepdrop.prediction import EpsilonView, resolve_prediction_type, to_eps
 from stepdrop.policies import OnlinePolicy, StepPolicy, get_policy
 from stepdrop.schedule import NoiseSchedule
+from stepdrop.solvers import Solver, StepInfo, get_solver
 
 __all__ = ["CudaGraphError", "FusedSampler", "NonFiniteOutputError", "SampleStats"]
 
@@ -140,14 +140,16 @@ class FusedSampler:
         model: ``out = model(x, t)`` with t an int64 vector [B]; a diffusers ``UNet2DModel``
             is wrapped automatically. ``out`` means ``prediction_type``.
         schedule: the :class:`~stepdrop.schedule.NoiseSchedule` the model was trained with.
-        solver: one of :data:`stepdrop.multistep.SAMPLER_SOLVERS`: "ddim" (deterministic for
-            eta=0), "ddpm" (posterior q(x_s|x_t, x̂0): DDPM ancestral on a full plan, Markovian
-            skipped-step sampling on a sub-plan) or "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022:
-            deterministic, second order from the previous call's x̂0; first order at the first
-            and the last step; see :mod:`stepdrop.multistep`).
-        eta: DDIM's η ∈ [0, 1]; η = 1 equals "ddpm" when ``clip`` is None (with a clip, DDIM
-            keeps the model's ε for the direction while "ddpm" uses x_t, so the two differ by
-            the clipped-away part of x̂0). Must be 0 with "dpmpp_2m".
+        solver: a name from :data:`stepdrop.solvers.SOLVERS` or a
+            :class:`~stepdrop.solvers.Solver`: "ddim" (deterministic for eta=0), "ddpm"
+            (posterior q(x_s|x_t, x̂0): DDPM ancestral on a full plan, Markovian skipped-step
+            sampling on a sub-plan), the multistep "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"
+            (DPM-Solver++, Lu et al. 2022) and "unipc", "unipc_3" (UniPC-bh2 with its corrector,
+            Zhao et al. 2023). A multistep solver runs at lower order while its history fills
+            and into the clean end (:mod:`stepdrop.solvers.base`).
+        eta: DDIM's η ∈ [0, 1] (solver "ddim" only); η = 1 equals "ddpm" when ``clip`` is None
+            (with a clip, DDIM keeps the model's ε for the direction while "ddpm" uses x_t, so
+            the two differ by the clipped-away part of x̂0).
         clip: clip x̂0 to [−clip, clip] (1.0 for data in [−1, 1]), or None.
         backend: one of :data:`stepdrop.ops.BACKENDS`; "auto" picks the fastest for the device.
         check_finite: record NaN/Inf model outputs on the device and raise after the loop.
@@ -206,11 +208,9 @@ class FusedSampler:
         self.model = as_eps_model(model)
         self.prediction_type = resolve_prediction_type(self.model, prediction_type)
         self.schedule = schedule
-        self.solver = check_choice("solver", solver, SAMPLER_SOLVERS)
-        self.eta = check_float("eta", eta, low=0.0, high=1.0)
-        if self.solver in MULTISTEP_SOLVERS and self.eta != 0:
-            raise ValueError(f"eta must be 0 with solver={self.solver!r} (a deterministic multistep solver), got "
-                             f"{eta}; use solver='ddim' for eta in (0, 1]")
+        self._solver: Solver = get_solver(solver, eta)
+        self.solver = self._solver.name
+        self.eta = self._solver.eta
         self.clip = None if clip is None else check_float("clip", clip, low=0.0, low_open=True)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.check_finite = check_bool("check_finite", check_finite)
@@ -224,18 +224,13 @@ class FusedSampler:
     @property
     def stochastic(self) -> bool:
         """Whether each step adds fresh noise (σ > 0)."""
-        return self.solver == "ddpm" or self.eta > 0
-
-    @property
-    def _multistep(self) -> bool:
-        return self.solver in MULTISTEP_SOLVERS
+        return self._solver.stochastic
 
     def _step_kwargs(self) -> dict[str, Any]:
-        """The fused step's solver settings: a multistep solver runs DDIM (η = 0, DDIM's clip) on
-        the ε it rewrites (:mod:`stepdrop.multistep`)."""
-        if self._multistep:
-            return dict(solver="ddim", eta=0.0, clip=self.clip)
-        return dict(solver=self.solver, eta=self.eta, clip=self.clip)
+        """The fused step's settings: the solver's rule (a multistep solver runs DDIM on the ε it
+        rewrites, :mod:`stepdrop.solvers.base`) and the clip."""
+        rule = self._solver.rule
+        return dict(solver=rule.update, eta=rule.eta, clip=self.clip)
 
     def clear_cuda_graphs(self) -> None:
         """Drop the cached CUDA graphs and their static buffers (their memory goes back to torch)."""
@@ -324,13 +319,13 @@ class FusedSampler:
         the plan is read on the device and k reaches the kernel as an argument."""
         t = ts[:, 0].clamp(min=0)  # the model's timesteps and the active mask, rewritten by each step
         active = ts[:, 0] >= 0
-        no_call = torch.full_like(ts[:, 0], CLEAN) if self._multistep else None
-        x0_prev = x  # the multistep history (unread before the second call)
+        solver = self._solver
+        memory = solver.start(x)
         for k in steps:
             eps = self._evaluate(x, t, k, counts, run)
-            if self._multistep:  # a sample active at step k > 0 was active at k − 1: ts[:, k−1] is its last call
-                t_prev = ts[:, k - 1] if k > 0 else no_call
-                eps, x0_prev = dpmpp_2m_eps(x, eps, run.table, t_prev, ts[:, k], ts[:, k + 1], x0_prev)
+            if solver.history:  # steps left per sample, this one included: the multistep order's cap
+                info = StepInfo(k, run.table, t, ts[:, k + 1], active, (ts[:, k:] >= 0).sum(1))
+                x, eps = solver.prepare(x, eps, info, memory)
             kwargs = dict(noise=noise_at(k), **self._step_kwargs(), nfe=counts.nfe, t_next=t, active_next=active)
             if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
                 validate_plan_step_inputs(x, eps, run.table, ts, k, **kwargs)
@@ -344,8 +339,8 @@ class FusedSampler:
         B = x.shape[0]
         ts = plan.expand(B)
         # shared and per-sample plans run the same masked loop: one graph serves both
-        key = (run.device, tuple(x.shape), plan.length, run.state_dtype, run.model_dtype, run.backend, self.solver,
-               self.eta, self.clip, self.check_finite)
+        key = (run.device, tuple(x.shape), plan.length, run.state_dtype, run.model_dtype, run.backend, self._solver,
+               self.clip, self.check_finite)
         graph = self._graphs.get(key)
         if graph is None or graph.weights_moved():  # a new signature, or model.to(...) since the capture
             graph = _PlanGraph.allocate(x, plan.length, self.stochastic, self.model)
@@ -418,7 +413,8 @@ class FusedSampler:
         t = state["t0"]
         visited[:, 0] = t
         counts = _Counters(B, budget, x.device, self.check_finite)
-        t_prev, x0_prev = torch.full_like(t, CLEAN), x  # the multistep history: no previous call yet
+        solver = self._solver
+        memory = solver.start(x)
         start = _clock(x.device)
         for k in _steps(budget, progress, policy.name):
             active = t >= 0
@@ -427,10 +423,10 @@ class FusedSampler:
             eps = self._evaluate(x, t.clamp(min=0), k, counts, run)
             counts.nfe += active.long()
             s = policy.next_timesteps(state, x, eps, t, active)  # the policy reads the model's own ε
-            if self._multistep:
-                eps, x0 = dpmpp_2m_eps(x, eps, run.table, t_prev, t, s, x0_prev)
-                x0_prev = torch.where(active.view(-1, *[1] * (x.ndim - 1)), x0, x0_prev)
-                t_prev = torch.where(active, t, t_prev)
+            if solver.history:  # steps left: 1 into the clean end, else bounded by the budget left
+                remaining = torch.where(s >= 0, budget - k, 1)
+                info = StepInfo(k, run.table, t.clamp(min=0), s, active, remaining)
+                x, eps = solver.prepare(x, eps, info, memory)
             noise = self._randn(x.shape, run) if self.stochastic else None
             x = self._update(x, eps, t, s, active, k, run, noise, callback)
             visited[:, k + 1] = torch.where(active, s, visited[:, k + 1])

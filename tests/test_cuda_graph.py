@@ -16,6 +16,7 @@ import torch
 
 import stepdrop.sampler as sampler_module
 from stepdrop import Adaptive, FusedSampler, NoiseSchedule, StepPlan, StochasticStepDrop, TinyUNet
+from stepdrop.solvers import SOLVERS
 from stepdrop.sampler import CudaGraphError, _PlanGraph, _Run, _check_graphable
 from test_sampler import BACKENDS_HERE, SCHEDULE, SHAPE, CountingModel, gen
 
@@ -86,7 +87,7 @@ def _body(s: FusedSampler, graph: _PlanGraph, x_T, plan: StepPlan, generator):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
-@pytest.mark.parametrize("solver,eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
+@pytest.mark.parametrize("solver,eta", [("ddim", 0.0), ("ddim", 0.5)] + [(n, 0.0) for n in SOLVERS if n != "ddim"])
 def test_static_buffer_loop_equals_eager_loop(backend, solver, eta):
     """Same buffers, four sets of inputs (seed, x_T, per-sample or shared plan of one length):
     each run equals eager sampling bit for bit, NFE included, so a replay reads nothing but
@@ -142,7 +143,7 @@ def _assert_same_run(a, b):
 
 @needs_cuda
 @pytest.mark.parametrize("model_fn", [GraphSafeModel, _unet], ids=["elementwise", "tinyunet"])
-@pytest.mark.parametrize("solver,eta", [("ddim", 0.0), ("ddpm", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0)])
+@pytest.mark.parametrize("solver,eta", [("ddim", 0.0), ("ddim", 0.5)] + [(n, 0.0) for n in SOLVERS if n != "ddim"])
 def test_graph_replay_is_bit_identical_to_eager(model_fn, solver, eta):
     model = model_fn().cuda()
     eager, graphed = _pair(model, solver=solver, eta=eta)
@@ -157,7 +158,7 @@ def test_graph_replay_is_bit_identical_to_eager(model_fn, solver, eta):
 
 
 @needs_cuda
-@pytest.mark.parametrize("solver", ["ddim", "ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_new_per_sample_plan_replays_without_recapture(solver):
     eager, graphed = _pair(GraphSafeModel().cuda(), solver=solver)
     x_T = torch.randn(3, *SHAPE, device="cuda", generator=_cuda_gen(9))

@@ -244,7 +244,7 @@ def test_ddpm_single_step_with_explicit_noise_equals_ddim_eta_one():
 def test_config_round_trip(tmp_path):
     scheduler = StepDropScheduler(
         num_train_timesteps=500, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        policy="importance", policy_kwargs={"middle_weight": 0.25}, solver="ddpm", eta=0.5,
+        policy="importance", policy_kwargs={"middle_weight": 0.25}, solver="ddim", eta=0.5,
         clip_sample=True, clip_sample_range=2.0, backend="torch", plan_seed=3,
     )
     scheduler.save_config(tmp_path)
@@ -442,3 +442,52 @@ def test_from_config_refuses_a_zero_snr_schedule_it_cannot_reproduce():
     config = DDIMScheduler(rescale_betas_zero_snr=True).config
     with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
         StepDropScheduler.from_config(config)
+
+
+# ====================================================================== every solver of the registry
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3", "dpmpp_2m_sde"])
+def test_multistep_solvers_in_the_pipeline_equal_the_sampler(unet, solver):
+    """The scheduler keeps the solver's history between step() calls: DDPMPipeline with it
+    equals FusedSampler on the same plan, noise and (for the SDE) step noise."""
+    scheduler = StepDropScheduler(policy="logsnr", solver=solver)
+    images, traj = run_pipeline(unet, scheduler, 6, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    noise = randn_tensor(SHAPE, generator=gen)  # the pipeline's x_T; then the steps' noise, in order
+    sampler = FusedSampler(DiffusersUNetAdapter(unet), scheduler.schedule, solver=solver)
+    if sampler.stochastic:
+        steps = iter([randn_tensor(SHAPE, generator=gen) for _ in range(5)] + [torch.zeros(SHAPE)])
+        sampler._randn = lambda shape, run, out=None: next(steps)
+    x, stats = sampler.sample(noise, scheduler.plan)
+    assert stats.model_calls == 6 and len(traj) == 6
+    assert_close_relative(traj[-1], x)
+
+
+def test_multistep_history_restarts_with_a_new_run():
+    """A second run of the same plan (or one that skips ahead) starts its history afresh, so
+    two identical runs give identical results and a jump is a first-order step, not an
+    extrapolation from unrelated samples."""
+    scheduler = StepDropScheduler(policy="uniform", solver="dpmpp_3m")
+    scheduler.set_timesteps(5)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+
+    def model(x, t):
+        return 0.2 * torch.tanh(x) + 1e-3 * t
+
+    def run(start=0):
+        x = x_T.clone()
+        for t in scheduler.timesteps[start:]:
+            x = scheduler.step(model(x, int(t)), t, x).prev_sample
+        return x
+
+    first, second = run(), run()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    fresh = StepDropScheduler(policy="uniform", solver="ddim")
+    fresh.set_timesteps(5)
+    t = scheduler.timesteps[2]  # jump: dpmpp_3m restarts at first order, which is DDIM
+    jumped = scheduler.step(model(x_T, int(t)), t, x_T).prev_sample
+    torch.testing.assert_close(jumped, fresh.step(model(x_T, int(t)), t, x_T).prev_sample, rtol=1e-6, atol=1e-6)
+
+
+def test_eta_is_a_setting_of_ddim_only():
+    with pytest.raises(ValueError, match="eta must be 0 with solver='unipc'"):
+        StepDropScheduler(solver="unipc", eta=0.3)

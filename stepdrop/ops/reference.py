@@ -21,7 +21,7 @@ when x̂0 is not clipped; with a clip they differ, since DDIM's direction term k
 
 :func:`dpmpp_2m_step_reference` is the spec of the multistep DPM-Solver++(2M) transition
 (Lu et al. 2022, Alg. 2), which the sampler runs through the DDIM step above
-(:mod:`stepdrop.multistep`). Coefficients are computed in float64;
+(:mod:`stepdrop.solvers.dpmpp`). Coefficients are computed in float64;
 the element-wise update runs in float64 for float64 input and float32 otherwise, then is
 cast back to the input dtype.
 """
@@ -232,7 +232,7 @@ def dpmpp_2m_step_reference(
             = α_s·D + σ_s·ε_D,   ε_D = (x_t − α_t·D)/σ_t.
 
     With ``clip`` the step is DDIM's clip applied to the second form, x_s = α_s·clip(D) + σ_s·ε_D
-    (the extrapolation itself uses the unclipped x̂0s; :mod:`stepdrop.multistep`).
+    (the extrapolation itself uses the unclipped x̂0s; :mod:`stepdrop.solvers.dpmpp`).
 
     A sample without a previous model call (``t_prev < 0``) or stepping to the clean end
     (``s = -1``: σ_s = 0, h = ∞; diffusers' ``final_sigmas_type="zero"``) takes the first-order

@@ -1,6 +1,8 @@
 """Run from the repository root: ``python docs/results/ablation/clip_ablation.py 20`` (the budget;
 set STEPDROP_FEATURE_CACHE to a folder that already holds the 5k reference features to skip
-them). Writes clip_ablation_quadratic<K>.json beside this file.
+them). Writes clip_ablation_quadratic<K>.json beside this file. It patches the sampler's
+DPM-Solver++(2M) hook of that time, so run it on a checkout of commit d51f5db: the solver
+registry (stepdrop/solvers/) later replaced stepdrop.multistep.
 
 Why was DPM-Solver++(2M) worse than DDIM at quadratic-20 on the earlier ε model (fashion-mnist-eps) (2k study, with
 x̂0 clipped before the extrapolation: 69.4 vs 52.9)? Candidates: the second-order extrapolation,
