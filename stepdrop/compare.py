@@ -45,7 +45,8 @@ from stepdrop.cost import PeakMemory, gflops_per_call
 from stepdrop.solvers import SOLVERS, get_solver
 from stepdrop.policies import POLICIES, OnlinePolicy, get_policy
 from stepdrop.runs import RunSpec, parse_spec
-from stepdrop.sampler import FusedSampler, _clock
+from stepdrop.loop import clock as _clock
+from stepdrop.sampler import FusedSampler
 from stepdrop.schedule import NoiseSchedule
 
 __all__ = ["CompareConfig", "QUICK", "FULL", "cell_specs", "run_compare"]

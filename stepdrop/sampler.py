@@ -17,8 +17,6 @@ and replayed; a new seed, x_T or plan of the same length is copied into the buff
 
 from __future__ import annotations
 
-import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -26,12 +24,13 @@ import torch
 from torch import Tensor
 
 from stepdrop._validation import check_bool, check_choice, check_float, check_int, check_tensor, model_device_dtype
+from stepdrop.cuda_graph import CudaGraphError, PlanGraph, check_graphable, sample_graph
+from stepdrop.loop import Counters, NonFiniteOutputError, Run, clock, progress_steps
 from stepdrop.ops import (
     BACKENDS,
     FLOAT_DTYPES,
     _dispatch,
     _dispatch_plan_step,
-    resolve_backend,
     validate_plan_step_inputs,
     validate_step_inputs,
 )
@@ -43,34 +42,6 @@ from stepdrop.schedule import NoiseSchedule
 from stepdrop.solvers import Solver, StepInfo, get_solver
 
 __all__ = ["CudaGraphError", "FusedSampler", "NonFiniteOutputError", "SampleStats"]
-
-_GRAPH_WARMUP_STEPS = 3
-"""Eager loop steps run on a side stream before a capture: every step runs the same kernels,
-so a few steps initialise what a capture may not (cuBLAS/cuDNN handles and workspaces,
-algorithm choice, Triton compilation, allocator pools), as the torch CUDA-graph docs require."""
-
-
-class NonFiniteOutputError(ValueError):
-    """The model returned NaN or Inf; the message names the step and the timestep."""
-
-
-def _release_default_generator(device: torch.device) -> None:
-    """Take the device's default CUDA generator out of capture mode after a failed capture.
-
-    A capture registers that generator, and only a successful end releases it. After a failure
-    its next random draw outside a graph (``torch.randn(..., device="cuda")`` anywhere in the
-    process) raises "Offset increment outside graph capture encountered unexpectedly". A
-    capture that succeeds, here of one trivial kernel, runs the release.
-    """
-    with torch.cuda.device(device):
-        scratch = torch.empty(1, device=device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            scratch.fill_(0.0)
-
-
-class CudaGraphError(RuntimeError):
-    """``cuda_graph=True``, but the sampling loop could not be captured (the message says why)."""
 
 
 @dataclass
@@ -219,7 +190,7 @@ class FusedSampler:
             raise ValueError("cuda_graph=True needs a CUDA device, but torch.cuda.is_available() is False; "
                              "use cuda_graph=False (the default) on the CPU")
         self.graph_captures = 0
-        self._graphs: dict[tuple, _PlanGraph] = {}
+        self._graphs: dict[tuple, PlanGraph] = {}
 
     @property
     def stochastic(self) -> bool:
@@ -276,8 +247,8 @@ class FusedSampler:
         model_device, model_dtype = model_device_dtype(self.model, default_device=None)
         batch, shape, dev = self._geometry(noise_or_batch, sample_shape, device, model_device)
         if self.cuda_graph:
-            dev = _check_graphable(dev, progress, callback)
-        run = _Run.make(dev, model_dtype, self.backend, self.schedule, generator)
+            dev = check_graphable(dev, progress, callback)
+        run = Run.make(dev, model_dtype, self.backend, self.schedule, generator)
         # the plan is drawn before the noise, so a per-sample plan does not depend on the batch size
         plan_obj = self._resolve_plan(plan, budget, batch, shape, generator)
         if self.cuda_graph and isinstance(plan_obj, OnlinePolicy):
@@ -293,23 +264,23 @@ class FusedSampler:
         if isinstance(plan_obj, OnlinePolicy):
             return self._sample_online(x, plan_obj, budget, run, progress, callback)
         if self.cuda_graph:
-            return self._sample_graph(x, plan_obj, run)
+            return sample_graph(self, x, plan_obj, run)
         return self._sample_plan(x, plan_obj, run, progress, callback)
 
     # ------------------------------------------------------------------ loops
-    def _sample_plan(self, x, plan: StepPlan, run: "_Run", progress, callback):
+    def _sample_plan(self, x, plan: StepPlan, run: "Run", progress, callback):
         B, shape = x.shape[0], x.shape
         ts = plan.expand(B).to(x.device, non_blocking=True)
-        counts = _Counters(B, plan.length - 1, x.device, self.check_finite)
+        counts = Counters(B, plan.length - 1, x.device, self.check_finite)
         noise_at = (lambda k: self._randn(shape, run)) if self.stochastic else (lambda k: None)
-        start = _clock(x.device)
-        x = self._run_plan(x, ts, _steps(plan.length - 1, progress, plan.policy), noise_at, counts, run, callback)
-        wall = _clock(x.device) - start
+        start = clock(x.device)
+        x = self._run_plan(x, ts, progress_steps(plan.length - 1, progress, plan.policy), noise_at, counts, run, callback)
+        wall = clock(x.device) - start
         counts.raise_if_nonfinite(ts)
         return x, self._stats(counts, plan, ts, wall, run.backend)
 
     def _run_plan(self, x, ts, steps: Iterable[int], noise_at: Callable[[int], Tensor | None],
-                  counts: "_Counters", run: "_Run", callback) -> Tensor:
+                  counts: "Counters", run: "Run", callback) -> Tensor:
         """The loop shared by eager sampling and the CUDA-graph capture, over a [B, L] plan ``ts``.
 
         Step k: ε = model(x, t) on the whole batch with t = max(ts[:, k], 0), then one
@@ -334,89 +305,17 @@ class FusedSampler:
                 callback(k, ts[:, k], x)
         return x
 
-    def _sample_graph(self, x, plan: StepPlan, run: "_Run"):
-        """Replay (capturing first if needed) the CUDA graph of this run's signature."""
-        B = x.shape[0]
-        ts = plan.expand(B)
-        # shared and per-sample plans run the same masked loop: one graph serves both
-        key = (run.device, tuple(x.shape), plan.length, run.state_dtype, run.model_dtype, run.backend, self._solver,
-               self.clip, self.check_finite)
-        graph = self._graphs.get(key)
-        if graph is None or graph.weights_moved():  # a new signature, or model.to(...) since the capture
-            graph = _PlanGraph.allocate(x, plan.length, self.stochastic, self.model)
-        with torch.cuda.device(run.device):  # replay launches on the current device's stream
-            start = _clock(run.device)
-            self._load_graph_inputs(graph, x, ts, run)
-            capture_s = 0.0
-            if graph.graph is None:
-                capture_s = self._capture(graph, run)
-                self._graphs[key] = graph
-            graph.graph.replay()
-            images = graph.out.clone()  # the static output is overwritten by the next replay
-            wall = _clock(run.device) - start - capture_s
-        graph.counts.raise_if_nonfinite(ts)
-        stats = self._stats(graph.counts, plan, ts, wall, run.backend)
-        stats.info["cuda_graph"] = {"captured_now": capture_s > 0, "capture_s": capture_s}
-        return images, stats
-
-    def _load_graph_inputs(self, graph: "_PlanGraph", x: Tensor, ts: Tensor, run: "_Run") -> None:
-        """Copy x_T and the [B, L] plan into the static buffers and draw the K steps' noise into
-        its buffer, in the eager loop's order (x_T was drawn first, then step 0, 1, …), so the
-        same generator state gives the same noise as :meth:`_sample_plan`."""
-        graph.x_T.copy_(x)
-        graph.plan.copy_(ts)
-        if graph.noise is not None:
-            for k in range(graph.noise.shape[0]):
-                self._randn(x.shape, run, out=graph.noise[k])
-
-    def _graph_body(self, graph: "_PlanGraph", run: "_Run", ks: Iterable[int]) -> tuple[Tensor, "_Counters"]:
-        """The loop over ``graph``'s static buffers, as a capture records it: (images, counters)."""
-        counts = _Counters(graph.x_T.shape[0], graph.plan.shape[1] - 1, graph.x_T.device, self.check_finite)
-        noise_at = (lambda k: graph.noise[k]) if graph.noise is not None else (lambda k: None)
-        return self._run_plan(graph.x_T, graph.plan, ks, noise_at, counts, run, None), counts
-
-    def _capture(self, graph: "_PlanGraph", run: "_Run") -> float:
-        """Warm up on a side stream, then capture the loop over ``graph``'s static buffers.
-        Returns the seconds spent (device synchronised), which a run's wall time leaves out."""
-        start = _clock(run.device)
-        steps = graph.plan.shape[1] - 1
-        stream = torch.cuda.current_stream(run.device)
-        side = torch.cuda.Stream(run.device)
-        side.wait_stream(stream)
-        with torch.cuda.stream(side):
-            self._graph_body(graph, run, range(min(steps, _GRAPH_WARMUP_STEPS)))
-        stream.wait_stream(side)
-        cuda_graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(cuda_graph):
-                graph.out, graph.counts = self._graph_body(graph, run, range(steps))
-        except RuntimeError as exc:
-            # torch.cuda.graph leaves its capture stream current when ending the capture fails
-            torch.cuda.set_stream(stream)
-            _release_default_generator(run.device)
-            cause = exc.__context__ if exc.__context__ is not None else exc
-            why = str(cause).strip().splitlines()[0] if str(cause).strip() else ""  # CUDA errors append advice lines
-            raise CudaGraphError(
-                f"cuda_graph=True: the {steps}-step sampling loop could not be captured into a CUDA graph "
-                f"({type(cause).__name__}: {why}). A model whose forward pass synchronises with the host "
-                f"(.item(), .cpu(), .tolist(), printing a tensor, a Python `if` on a tensor value, a "
-                f"data-dependent shape) cannot be captured: remove the synchronisation, or use cuda_graph=False"
-            ) from exc
-        graph.graph = cuda_graph
-        self.graph_captures += 1
-        return _clock(run.device) - start
-
-    def _sample_online(self, x, policy: OnlinePolicy, budget, run: "_Run", progress, callback):
+    def _sample_online(self, x, policy: OnlinePolicy, budget, run: "Run", progress, callback):
         B = x.shape[0]
         state = policy.start(self.schedule, budget, B, x.device)
         visited = torch.full((B, budget + 1), CLEAN, dtype=torch.int64, device=x.device)
         t = state["t0"]
         visited[:, 0] = t
-        counts = _Counters(B, budget, x.device, self.check_finite)
+        counts = Counters(B, budget, x.device, self.check_finite)
         solver = self._solver
         memory = solver.start(x)
-        start = _clock(x.device)
-        for k in _steps(budget, progress, policy.name):
+        start = clock(x.device)
+        for k in progress_steps(budget, progress, policy.name):
             active = t >= 0
             if x.device.type == "cpu" and not bool(active.any()):  # free on the CPU; a sync on a GPU
                 break
@@ -431,12 +330,12 @@ class FusedSampler:
             x = self._update(x, eps, t, s, active, k, run, noise, callback)
             visited[:, k + 1] = torch.where(active, s, visited[:, k + 1])
             t = s
-        wall = _clock(x.device) - start
+        wall = clock(x.device) - start
         counts.raise_if_nonfinite(visited)
         realised = StepPlan(visited.cpu(), self.schedule.num_timesteps, policy=policy.name)
         return x, self._stats(counts, realised, visited, wall, run.backend)
 
-    def _evaluate(self, x, t, k, counts, run: "_Run") -> Tensor:
+    def _evaluate(self, x, t, k, counts, run: "Run") -> Tensor:
         """ε from model(x, t) on the whole batch (t ≥ 0: the caller clamps a masked sample's t to 0),
         checked for shape, and recorded on the device for the non-finite check. The output is
         turned into ε against the full-precision x (:func:`stepdrop.prediction.to_eps`)."""
@@ -448,7 +347,7 @@ class FusedSampler:
         counts.check(k, eps)
         return eps
 
-    def _update(self, x, eps, t, s, active, k, run: "_Run", noise, callback) -> Tensor:
+    def _update(self, x, eps, t, s, active, k, run: "Run", noise, callback) -> Tensor:
         """One fused step t → s of the online loop (noise: this step's z, or None for a
         deterministic solver)."""
         kwargs = dict(noise=noise, active=active, **self._step_kwargs())
@@ -486,7 +385,7 @@ class FusedSampler:
         return batch, shape, model_device if model_device is not None else torch.device("cpu")
 
     @staticmethod
-    def _randn(shape, run: "_Run", out: Tensor | None = None) -> Tensor:
+    def _randn(shape, run: "Run", out: Tensor | None = None) -> Tensor:
         """z ~ N(0, I) in the state dtype on the run's device, from the run's generator; drawn on
         the generator's device (a CPU generator with CUDA tensors reproduces bit for bit but
         copies each draw over). With ``out`` (a CUDA-graph noise buffer) the draw lands there and
@@ -529,7 +428,7 @@ class FusedSampler:
             f"plan must be a StepPlan, a policy, a policy name or a list of timesteps, got {type(plan).__name__}"
         )
 
-    def _stats(self, counts: "_Counters", plan: StepPlan, ts: Tensor, wall: float, backend: str) -> SampleStats:
+    def _stats(self, counts: "Counters", plan: StepPlan, ts: Tensor, wall: float, backend: str) -> SampleStats:
         B = ts.shape[0]
         return SampleStats(
             nfe=counts.nfe.cpu(),
@@ -545,121 +444,3 @@ class FusedSampler:
             backend=backend,
             info=dict(plan.info),
         )
-
-
-@dataclass(frozen=True)
-class _Run:
-    """What one :meth:`FusedSampler.sample` call resolves once, before its loop."""
-
-    device: torch.device
-    model_dtype: torch.dtype  # x is cast to it for each model call
-    state_dtype: torch.dtype  # dtype of x, the noise and the update (:func:`_state_dtype`)
-    backend: str  # concrete fused-step backend (from resolve_backend)
-    table: Tensor  # ᾱ [T], float64 on ``device``
-    generator: torch.Generator | None
-
-    @classmethod
-    def make(cls, device: torch.device, model_dtype: torch.dtype, backend: str, schedule: NoiseSchedule,
-             generator: torch.Generator | None) -> "_Run":
-        return cls(device, model_dtype, _state_dtype(model_dtype), resolve_backend(backend, device),
-                   schedule.table(device, torch.float64), generator)
-
-
-@dataclass
-class _PlanGraph:
-    """One captured sampling loop: its static inputs (x_T [B, C, H, W], plan [B, L] int64, step
-    noise [K, B, C, H, W] or None) and outputs (images, counters), written by every replay."""
-
-    x_T: Tensor
-    plan: Tensor
-    noise: Tensor | None
-    weights: tuple[Tensor, ...]  # the model's parameters and buffers ...
-    addresses: tuple[int, ...]  # ... and where they were at capture: the graph reads them there
-    graph: Any = None  # torch.cuda.CUDAGraph once captured
-    out: Tensor | None = None
-    counts: "_Counters | None" = None
-
-    @classmethod
-    def allocate(cls, x: Tensor, length: int, stochastic: bool, model) -> "_PlanGraph":
-        noise = x.new_empty((length - 1, *x.shape)) if stochastic else None
-        plan = torch.empty((x.shape[0], length), dtype=torch.int64, device=x.device)
-        weights = tuple(itertools.chain(model.parameters(), model.buffers())) if isinstance(model, torch.nn.Module) \
-            else ()
-        return cls(torch.empty_like(x), plan, noise, weights, tuple(w.data_ptr() for w in weights))
-
-    def weights_moved(self) -> bool:
-        """Whether a weight tensor now lives elsewhere (``model.to(...)`` replaces ``.data``), so that
-        the graph would read stale memory. In-place updates (``load_state_dict``) keep the addresses
-        and reach the next replay. Checked on the tensors kept at capture (~0.1 µs each): walking the
-        module tree again would cost more than a small model's replay."""
-        return any(w.data_ptr() != a for w, a in zip(self.weights, self.addresses))
-
-
-def _state_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    """dtype of x during sampling: float64 for a float64 model, else float32 (a half-precision
-    model is fed x in its own dtype; the update always runs in float32 or wider)."""
-    return torch.float64 if model_dtype == torch.float64 else torch.float32
-
-
-def _check_graphable(device: torch.device, progress: bool, callback) -> torch.device:
-    """The run's device with its index (graphs are cached per device); ValueError naming the
-    argument that rules a CUDA graph out."""
-    if device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device, but this run samples on {device}; move the model "
-                         f"(and noise_or_batch) to CUDA or use cuda_graph=False")
-    if callback is not None or progress:
-        name = "callback" if callback is not None else "progress"
-        raise ValueError(f"{name} is not supported with cuda_graph=True: a replayed graph runs no Python between "
-                         f"steps; use cuda_graph=False to observe the steps")
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
-
-class _Counters:
-    """Per-sample NFE and the non-finite check, accumulated on the device.
-
-    ``nfe`` is incremented by the loop (in a plan loop by :func:`stepdrop.ops.fused_plan_step`).
-    For the check, each step stores Σ ε per sample, summed in float64: the sum is finite exactly
-    when every element is (float32 values cannot overflow a float64 sum; NaN and ±Inf carry
-    through), so one reduction kernel per step replaces an element-wise test, and which samples
-    were active is read from the visited timesteps once, after the loop."""
-
-    def __init__(self, batch: int, steps: int, device: torch.device, check_finite: bool):
-        self.nfe = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.sums = torch.zeros((steps, batch), dtype=torch.float64, device=device) if check_finite else None
-        self.calls = 0
-
-    def check(self, k: int, eps: Tensor) -> None:
-        """Count a batched model call and record step k's Σ ε per sample."""
-        self.calls += 1
-        if self.sums is not None:
-            torch.sum(eps.flatten(1), dim=1, dtype=torch.float64, out=self.sums[k])
-
-    def raise_if_nonfinite(self, timesteps: Tensor) -> None:
-        """Raise :class:`NonFiniteOutputError` naming the first step at which an active sample
-        (``timesteps[b, k] >= 0``; ``timesteps`` [B, ≥ steps]) got a NaN/Inf output."""
-        if self.sums is None or self.sums.numel() == 0:
-            return
-        ts = timesteps.cpu()[:, : self.sums.shape[0]]
-        bad = ~torch.isfinite(self.sums.cpu().T) & (ts >= 0)  # [B, steps]
-        if bool(bad.any()):
-            k = int(bad.any(0).nonzero()[0, 0])
-            i = int(bad[:, k].nonzero()[0, 0])
-            n = int(bad.any(1).sum())
-            raise NonFiniteOutputError(
-                f"model output contains NaN or Inf at step {k} (timestep t={int(ts[i, k])}) for {n} of "
-                f"{bad.shape[0]} samples (first: sample {i})"
-            )
-
-
-def _steps(n: int, progress: bool, label: str):
-    if not progress:
-        return range(n)
-    from tqdm.auto import tqdm
-
-    return tqdm(range(n), desc=f"sampling ({label})", unit="step", leave=False)
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -17,7 +17,8 @@ import torch
 import stepdrop.sampler as sampler_module
 from stepdrop import Adaptive, FusedSampler, NoiseSchedule, StepPlan, StochasticStepDrop, TinyUNet
 from stepdrop.solvers import SOLVERS
-from stepdrop.sampler import CudaGraphError, _PlanGraph, _Run, _check_graphable
+from stepdrop.cuda_graph import CudaGraphError, PlanGraph, check_graphable, graph_body, load_inputs
+from stepdrop.loop import Run
 from test_sampler import BACKENDS_HERE, SCHEDULE, SHAPE, CountingModel, gen
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
@@ -62,15 +63,15 @@ def test_cuda_graph_on_a_cpu_model_raises_at_sample(monkeypatch):
 def test_progress_and_callback_rule_out_a_graph(arg):
     kw = dict(progress=arg == "progress", callback=(lambda k, t, x: None) if arg == "callback" else None)
     with pytest.raises(ValueError, match=rf"{arg} is not supported with cuda_graph=True"):
-        _check_graphable(torch.device("cuda", 0), **kw)
-    assert _check_graphable(torch.device("cuda", 0), False, None) == torch.device("cuda", 0)
+        check_graphable(torch.device("cuda", 0), **kw)
+    assert check_graphable(torch.device("cuda", 0), False, None) == torch.device("cuda", 0)
 
 
 def test_online_policy_rules_out_a_graph(monkeypatch):
     """The check comes after the plan is resolved and before anything is drawn or captured;
     the device check is bypassed so that it can run on the CPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(sampler_module, "_check_graphable", lambda device, progress, callback: device)
+    monkeypatch.setattr(sampler_module, "check_graphable", lambda device, progress, callback: device)
     s = FusedSampler(CountingModel(), SCHEDULE, cuda_graph=True)
     for policy in ("adaptive", Adaptive(signal="eps")):
         with pytest.raises(ValueError, match=r"OnlinePolicy.*data-dependent.*cuda_graph=False"):
@@ -79,11 +80,11 @@ def test_online_policy_rules_out_a_graph(monkeypatch):
 
 
 # ====================================================================== the captured body, on the CPU
-def _body(s: FusedSampler, graph: _PlanGraph, x_T, plan: StepPlan, generator):
+def _body(s: FusedSampler, graph: PlanGraph, x_T, plan: StepPlan, generator):
     """Load new inputs into ``graph``'s buffers and run the loop a capture records over them."""
-    run = _Run.make(x_T.device, torch.float32, s.backend, s.schedule, generator)
-    s._load_graph_inputs(graph, x_T, plan.expand(x_T.shape[0]), run)
-    return s._graph_body(graph, run, range(plan.length - 1))
+    run = Run.make(x_T.device, torch.float32, s.backend, s.schedule, generator)
+    load_inputs(s, graph, x_T, plan.expand(x_T.shape[0]), run)
+    return graph_body(s, graph, run, range(plan.length - 1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
@@ -99,7 +100,7 @@ def test_static_buffer_loop_equals_eager_loop(backend, solver, eta):
         x_T = torch.randn(3, *SHAPE, generator=gen(100 + seed))
         eager, stats = s.sample(x_T.clone(), plan, generator=gen(seed))
         if graph is None:
-            graph = _PlanGraph.allocate(x_T, plan.length, s.stochastic, s.model)
+            graph = PlanGraph.allocate(x_T, plan.length, s.stochastic, s.model)
         out, counts = _body(s, graph, x_T, plan, gen(seed))
         assert torch.equal(out, eager), (rows, seed)
         assert torch.equal(counts.nfe, stats.nfe)
@@ -110,9 +111,9 @@ def test_noise_buffer_holds_the_eager_draws():
     """The [K, B, …] buffer filled before a replay holds, step by step, what the eager loop
     draws from the same generator state (also for a CPU generator feeding another device)."""
     s = FusedSampler(CountingModel(), SCHEDULE, solver="ddpm")
-    run = _Run.make(torch.device("cpu"), torch.float32, "torch", SCHEDULE, gen(5))
-    graph = _PlanGraph.allocate(torch.zeros(2, *SHAPE), 4, True, s.model)
-    s._load_graph_inputs(graph, torch.zeros(2, *SHAPE), torch.tensor([[999, 500, 100, -1]] * 2), run)
+    run = Run.make(torch.device("cpu"), torch.float32, "torch", SCHEDULE, gen(5))
+    graph = PlanGraph.allocate(torch.zeros(2, *SHAPE), 4, True, s.model)
+    load_inputs(s, graph, torch.zeros(2, *SHAPE), torch.tensor([[999, 500, 100, -1]] * 2), run)
     g = gen(5)
     for k in range(3):
         assert torch.equal(graph.noise[k], torch.randn(2, *SHAPE, generator=g)), k
@@ -252,11 +253,11 @@ def test_a_model_that_syncs_cannot_be_captured():
 def test_moved_weights_are_noticed():
     """A graph reads the weights at their capture-time addresses: new memory means a new capture."""
     model = CountingModel()
-    graph = _PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, False, model)
+    graph = PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, False, model)
     with torch.no_grad():
         model.w.mul_(2.0)  # in place (load_state_dict): the replay sees it
     assert not graph.weights_moved()
     old = model.w.data
     model.w.data = old.clone()  # what model.to(...) does
     assert graph.weights_moved()
-    assert not _PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, False, lambda x, t: x).weights_moved()
+    assert not PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, False, lambda x, t: x).weights_moved()
