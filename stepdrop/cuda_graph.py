@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from stepdrop.loop import Counters, Run, clock
 from stepdrop.plan import StepPlan
-
-if TYPE_CHECKING:
-    from stepdrop.sampler import FusedSampler
 
 __all__ = ["CudaGraphError", "PlanGraph", "check_graphable", "sample_graph"]
 
@@ -91,7 +88,7 @@ def check_graphable(device: torch.device, progress: bool, callback) -> torch.dev
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
-def sample_graph(sampler: "FusedSampler", x, plan: StepPlan, run: Run):
+def sample_graph(sampler, x, plan: StepPlan, run: Run):
     """Replay (capturing first if needed) the CUDA graph of this run's signature."""
     B = x.shape[0]
     ts = plan.expand(B)
@@ -117,7 +114,7 @@ def sample_graph(sampler: "FusedSampler", x, plan: StepPlan, run: Run):
     return images, stats
 
 
-def load_inputs(sampler: "FusedSampler", graph: PlanGraph, x: Tensor, ts: Tensor, run: Run) -> None:
+def load_inputs(sampler, graph: PlanGraph, x: Tensor, ts: Tensor, run: Run) -> None:
     """Copy x_T and the [B, L] plan into the static buffers and draw the K steps' noise into
     its buffer, in the eager loop's order (x_T was drawn first, then step 0, 1, …), so the
     same generator state gives the same noise as :meth:`~stepdrop.sampler.FusedSampler.sample`."""
@@ -128,14 +125,14 @@ def load_inputs(sampler: "FusedSampler", graph: PlanGraph, x: Tensor, ts: Tensor
             sampler._randn(x.shape, run, out=graph.noise[k])
 
 
-def graph_body(sampler: "FusedSampler", graph: PlanGraph, run: Run, ks: Iterable[int]) -> tuple[Tensor, Counters]:
+def graph_body(sampler, graph: PlanGraph, run: Run, ks: Iterable[int]) -> tuple[Tensor, Counters]:
     """The loop over ``graph``'s static buffers, as a capture records it: (images, counters)."""
     counts = Counters(graph.x_T.shape[0], graph.plan.shape[1] - 1, graph.x_T.device, sampler.check_finite)
     noise_at = (lambda k: graph.noise[k]) if graph.noise is not None else (lambda k: None)
     return sampler._run_plan(graph.x_T, graph.plan, ks, noise_at, counts, run, None), counts
 
 
-def capture(sampler: "FusedSampler", graph: PlanGraph, run: Run) -> float:
+def capture(sampler, graph: PlanGraph, run: Run) -> float:
     """Warm up on a side stream, then capture the loop over ``graph``'s static buffers.
     Returns the seconds spent (device synchronised), which a run's wall time leaves out."""
     start = clock(run.device)
