@@ -155,7 +155,7 @@ class StepDropScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps: Tensor | None = None
         self.plan: StepPlan | None = None
         self._next: dict[int, int] = {}
-        self._memory: Any = None  # a multistep solver's history: (state, next expected t, batch shape)
+        self._memory: Any = None  # a multistep solver's (history, next expected t, batch shape, solver name)
 
     # ------------------------------------------------------------------ schedule views
     @property

@@ -110,8 +110,8 @@ class History:
     x0: list[Tensor]  # past data predictions, each [B, ...] in the compute dtype
     lam: list[Tensor]  # their λ, float64 [B]
     count: Tensor  # int64 [B], model outputs seen so far
-    x: Tensor  # the x each sample last stepped from (UniPC's corrector)
-    order: Tensor  # int64 [B], the order of each sample's last step
+    x: Tensor  # the x each sample last stepped from (kept by a corrector only)
+    order: Tensor  # int64 [B], the order of each sample's last step (kept by a corrector only)
 
 
 class MultistepSolver(Solver):
@@ -165,15 +165,13 @@ class MultistepSolver(Solver):
         self._remember(state, x, x0, lam_t, order, info.active)
         return x, eps_d.to(x.dtype)
 
-    @staticmethod
-    def _remember(state: History, x: Tensor, x0: Tensor, lam_t: Tensor, order: Tensor, active: Tensor) -> None:
-        """Push this step's x̂0 and λ where a sample is active; the others keep theirs."""
+    def _remember(self, state: History, x: Tensor, x0: Tensor, lam_t: Tensor, order: Tensor, active: Tensor) -> None:
+        """Push this step's x̂0 and λ where a sample is active; the others keep theirs. (A
+        corrector also keeps the step's x and order: :meth:`UniPC._remember`.)"""
         keep = _view(active, x0)
         state.x0 = [torch.where(keep, new, old) for new, old in zip([x0] + state.x0[:-1], state.x0)]
         state.lam = [torch.where(active, new, old) for new, old in zip([lam_t] + state.lam[:-1], state.lam)]
         state.count = state.count + active.long()
-        state.x = torch.where(_view(active, x), x, state.x)
-        state.order = torch.where(active, order, state.order)
 
 
 def log_snr(table: Tensor) -> Tensor:

@@ -101,6 +101,14 @@ class UniPC(MultistepSolver):
         return torch.where(use, corrected.to(x.dtype), x)
 
 
+    def _remember(self, state: History, x: Tensor, x0: Tensor, lam_t: Tensor, order: Tensor, active: Tensor) -> None:
+        """The base's history, plus the x this step starts from and its order: what the next
+        step's corrector redoes (a predictor-only solver skips this full-size copy per step)."""
+        super()._remember(state, x, x0, lam_t, order, active)
+        state.x = torch.where(_view(active, x), x, state.x)
+        state.order = torch.where(active, order, state.order)
+
+
 def _alpha_at(lam: Tensor) -> Tensor:
     """α from λ = log(α/σ) with α² + σ² = 1: α = sigmoid(2λ)^{1/2}."""
     return torch.sigmoid(2 * lam).sqrt()
