@@ -23,6 +23,7 @@ from stepdrop.policies import (
     Uniform,
     get_policy,
 )
+from stepdrop.optimize import Optimized
 from stepdrop.sampler import CudaGraphError, FusedSampler, NonFiniteOutputError, SampleStats
 from stepdrop.schedule import NoiseSchedule
 from stepdrop.models import DiffusersUNetAdapter, TinyUNet, as_eps_model
@@ -47,6 +48,7 @@ __all__ = [
     "Importance",
     "LogSNRUniform",
     "NoiseAware",
+    "Optimized",
     "NoiseSchedule",
     "NonFiniteOutputError",
     "Quadratic",

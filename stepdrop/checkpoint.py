@@ -15,6 +15,7 @@ folder, fsync, then ``os.replace`` — an interrupted write never leaves a broke
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,6 +38,7 @@ __all__ = [
     "export_model",
     "load_checkpoint",
     "load_pretrained",
+    "model_fingerprint",
     "pretrained_names",
 ]
 
@@ -58,6 +60,17 @@ class LoadedModel:
     schedule: NoiseSchedule
     meta: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A content hash of the model's weights and buffers (16 hex digits): results cached for a
+    model (finished ``compare`` cells, optimized timesteps) are reused only for the same
+    network, wherever its file lives."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""The ``stepdrop`` command line: ``stepdrop train``, ``export``, ``sample``, ``compare`` and ``diagnose``."""
+"""The ``stepdrop`` command line: ``stepdrop train``, ``export``, ``sample``, ``compare``, ``optimize`` and ``diagnose``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.nargs == 0 or action.default in (None, "") or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="name of a model shipped with stepdrop (default: the first one)")
+    src.add_argument("--checkpoint", default=None, help="a training checkpoint or exported model file")
+
+
+def _add_device_and_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -138,9 +149,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "(ddpm:importance-25); @N overrides --num-samples for that spec.",
         formatter_class=_HelpFormatter,
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="name of a model shipped with stepdrop (default: the first one)")
-    src.add_argument("--checkpoint", default=None, help="a training checkpoint or exported model file")
+    _add_model_source(p)
     p.add_argument("--policies", default=DEFAULT_SPECS, help="comma-separated specs")
     p.add_argument("--num-samples", type=int, default=16, help="images per spec")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, step noise and stochastic plans")
@@ -148,8 +157,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    help="clip x̂0 to [-clip, clip] at every step (1: the [-1, 1] data range of stepdrop's models; "
                         "0: no clipping — an under-trained model then drifts out of range at high noise)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
-    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_device_and_threads(p)
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each run's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="samples", help="output folder")
@@ -221,9 +229,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "in progress resumes from its last batch, so re-running the same command continues an interrupted run.",
         formatter_class=_HelpFormatter,
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="name of a model shipped with stepdrop (default: the first one)")
-    src.add_argument("--checkpoint", default=None, help="a training checkpoint or exported model file")
+    _add_model_source(p)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help=f"a small run that finishes in under 15 minutes on 2 CPU cores: {QUICK}")
@@ -258,8 +264,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="reference feature cache (default ~/.cache/stepdrop/features)")
     p.add_argument("--data-root", default=None, help="folder with the dataset files")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
-    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_device_and_threads(p)
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each batch's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="compare", help="output folder (re-use it to resume)")
@@ -328,8 +333,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated timesteps (default 0, 50, …, 950 and T−1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draw")
     p.add_argument("--batch-size", type=int, default=256, help="images per model call")
-    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_device_and_threads(p)
     p.add_argument("--out", default="diagnosis", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_diagnose)
@@ -381,6 +385,69 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_optimize(sub: argparse._SubParsersAction) -> None:
+    from stepdrop.ops import BACKENDS
+    from stepdrop.optimize import Optimized, default_cache_dir
+    from stepdrop.solvers import solver_help
+
+    d = Optimized(cache_dir=".")
+    p = sub.add_parser(
+        "optimize",
+        help="search K timesteps for a model and solver (the 'optimized' policy); cached, exportable",
+        description="Search the K model-call timesteps whose samples come closest (MSE, from the same noise) to a "
+        "high-NFE reference solution on a pilot batch, starting from the best fixed spacing (uniform, quadratic, "
+        "logsnr, cosine) and moving one timestep at a time. Every model call is counted. The result is cached per "
+        "(model, solver, K, settings), so 'optimized-K' in sample/compare reuses it; <out>/timesteps.json, .csv "
+        "and timesteps.png hold the list, for set_timesteps(timesteps=...) in a diffusers pipeline.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_source(p)
+    p.add_argument("--budget", type=int, required=True, help="K, model calls per sample")
+    p.add_argument("--solver", default="dpmpp_2m", help=f"a deterministic solver: {solver_help()}")
+    p.add_argument("--clip", type=float, default=0.0, help="clip x̂0 to [-clip, clip] while sampling (0: no clipping)")
+    p.add_argument("--pilot-batch", type=int, default=d.pilot_batch, help="samples the search measures on")
+    p.add_argument("--reference-solver", default=d.reference_solver, help="solver of the reference solution")
+    p.add_argument("--reference-steps", type=int, default=d.reference_steps, help="model calls of the reference")
+    p.add_argument("--max-evals", type=int, default=d.max_evals, help="trajectories the search may try (K calls each)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the pilot noise (held-out noise: seed + 1)")
+    p.add_argument("--cache-dir", default=None, help=f"cache folder (default {default_cache_dir()})")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
+    _add_device_and_threads(p)
+    p.add_argument("--out", default="optimized", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_optimize)
+
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    from stepdrop._io import ensure_writable_folder
+    from stepdrop.optimize import Optimized, write_timesteps
+    from stepdrop.sampler import FusedSampler
+
+    if args.clip < 0:
+        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
+    policy = Optimized(pilot_batch=args.pilot_batch, reference_solver=args.reference_solver,
+                       reference_steps=args.reference_steps, max_evals=args.max_evals, seed=args.seed,
+                       cache_dir=args.cache_dir, progress=not args.no_progress)
+    _set_threads(args.threads)
+    out = ensure_writable_folder(args.out)
+    loaded = _load_model(args)
+    sampler = FusedSampler(loaded.model, loaded.schedule, solver=args.solver, clip=args.clip or None,
+                           backend=args.backend)
+    plan = policy.plan(loaded.schedule, args.budget, model=loaded.model, sample_shape=tuple(loaded.model.sample_shape),
+                       sampler=sampler)
+    paths = write_timesteps(plan, out, meta={"model": loaded.path, "command": "stepdrop " + " ".join(args.argv)})
+    info = plan.info
+    ts = [int(v) for v in plan.timesteps[:-1]]
+    print(f"optimized-{args.budget} for {args.solver}: {','.join(map(str, ts))}")
+    print(f"MSE to the reference, pilot: {info['start']} {info['pilot_mse']['start']:.4g} -> {info['pilot_mse']['optimized']:.4g}; "
+          f"held-out: {info['holdout_mse']['start']:.4g} -> {info['holdout_mse']['optimized']:.4g}")
+    spent = "read from the cache" if info["cached"] else "searched now"
+    print(f"{info['search_calls']} batched model calls ({info['search_samples']} sample evaluations, "
+          f"{info['evaluations']} trajectories), {spent}: {info['cache_file']}")
+    print(f"{', '.join(p.name for p in paths)} in {out}")
+    return 0
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
@@ -405,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_sample(sub)
     _add_compare(sub)
+    _add_optimize(sub)
     _add_diagnose(sub)
     return parser
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from stepdrop._io import ensure_writable_folder
-from stepdrop.checkpoint import atomic_save
+from stepdrop.checkpoint import atomic_save, model_fingerprint
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.cost import PeakMemory, gflops_per_call
 from stepdrop.solvers import SOLVERS, get_solver
@@ -366,7 +366,7 @@ def run_compare(
     cells_dir = out / "cells"
     rows: list[dict[str, Any]] = []
     grids: dict[str, Tensor] = {}
-    sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=_fingerprint(model),
+    sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=model_fingerprint(model),
                       T=schedule.num_timesteps, device=meta["device"], backend=config.backend,
                       cuda_graph=config.cuda_graph)
     metric_key = dict(extractor=extractor, ref_split=config.ref_split, ref_samples=int(reference.shape[0]),
@@ -424,19 +424,12 @@ def _check_runnable(model: torch.nn.Module, schedule: NoiseSchedule, config: Com
     for spec in specs:
         if spec.budget > T:
             raise ValueError(f"cell {spec.label!r}: budget must be <= T = {T} (the model's timesteps), got {spec.budget}")
+        if getattr(get_policy(spec.policy), "needs_deterministic_solver", False) and get_solver(spec.solver).stochastic:
+            raise ValueError(f"cell {spec.label!r}: policy {spec.policy!r} matches a deterministic trajectory, but solver "
+                             f"{spec.solver!r} draws fresh noise at every step; pair it with a deterministic solver")
         if config.cuda_graph and isinstance(get_policy(spec.policy), OnlinePolicy):
             raise ValueError(f"cell {spec.label!r}: cuda_graph=True cannot run policy {spec.policy!r}, which picks "
                              f"its steps online from the model output; drop the cell or use cuda_graph=False")
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
-    """A content hash of the model's weights and buffers: finished cells are reused only for
-    the same network, wherever its file lives."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _film_report(model, schedule, config, specs, device, cells_dir, key) -> tuple[list | None, str | None]:

@@ -132,14 +132,18 @@ class StepPolicy:
         generator: torch.Generator | None = None,
         model: Callable[[Tensor, Tensor], Tensor] | None = None,
         sample_shape: tuple[int, ...] | None = None,
+        sampler: Any = None,
     ) -> StepPlan:
         """Plan ``budget`` model calls for a batch of ``batch_size`` samples.
 
         ``generator`` (CPU) seeds stochastic policies; ``model`` and ``sample_shape`` are used
-        by policies that probe the network (:class:`GradientAware`)."""
+        by policies that probe the network (:class:`GradientAware`); ``sampler``, the
+        :class:`~stepdrop.FusedSampler` that will run the plan, by policies tuned for its
+        solver (:class:`~stepdrop.optimize.Optimized`)."""
         K = check_budget(budget, schedule.num_timesteps)
         check_int("batch_size", batch_size, low=1)
-        return self._plan(schedule, K, batch_size=batch_size, generator=generator, model=model, sample_shape=sample_shape)
+        return self._plan(schedule, K, batch_size=batch_size, generator=generator, model=model, sample_shape=sample_shape,
+                          sampler=sampler)
 
     def _plan(self, schedule: NoiseSchedule, budget: int, **kwargs: Any) -> StepPlan:
         raise NotImplementedError

@@ -360,13 +360,13 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=_DPI)
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     """Render ``fig`` as PNG into ``path`` atomically and free its canvas."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
@@ -409,7 +409,7 @@ def _plot_fid_against(cells: list[dict[str, Any]], key: str, xlabel: str, title:
                       log_x: bool = False) -> Path:
     """FID against ``cell[key]``: one line per (policy, solver) with CI error bars; reference
     cells as labelled horizontal dashed lines."""
-    fig = _figure(7.5, 5.0)
+    fig = new_figure(7.5, 5.0)
     ax = fig.add_subplot()
     lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
@@ -429,12 +429,12 @@ def _plot_fid_against(cells: list[dict[str, Any]], key: str, xlabel: str, title:
     ax.set_title(title)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_fid_vs_throughput(cells: list[dict[str, Any]], path: Path) -> Path:
     cells = [c for c in cells if _is_number(c.get("images_per_second"))]
-    fig = _figure(7.5, 5.0)
+    fig = new_figure(7.5, 5.0)
     ax = fig.add_subplot()
     points = [(float(c["images_per_second"]), float(c["fid"])) for c in cells]
     ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=_yerr(cells), fmt="o", markersize=4,
@@ -451,7 +451,7 @@ def _plot_fid_vs_throughput(cells: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("FID vs throughput (Pareto front: no cell is both faster and better)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_cost_curves(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
@@ -485,7 +485,7 @@ def plot_timestep_barcode(report: dict[str, Any], out_dir: str | os.PathLike, bu
     steps = [len(c.get("timestep_histogram") or []) for c in cells]
     steps += [max(map(int, row)) + 1 for c in cells for row in c.get("timesteps") or [] if len(row)]
     T = max(steps + [1])
-    fig = _figure(9.0, 1.0 + 0.55 * len(cells))
+    fig = new_figure(9.0, 1.0 + 0.55 * len(cells))
     ax = fig.add_subplot()
     names = []
     for row, c in enumerate(cells):
@@ -506,7 +506,7 @@ def plot_timestep_barcode(report: dict[str, Any], out_dir: str | os.PathLike, bu
     ax.set_yticks(range(len(cells)), names, fontsize=8)
     ax.set_xlabel(f"timestep t (0..{T - 1}); ticks: model calls, strips: call frequency over samples")
     ax.set_title(f"Where each policy spends its {budget} model calls")
-    return _save(fig, Path(out_dir) / "timestep_barcode.png")
+    return save_png(fig, Path(out_dir) / "timestep_barcode.png")
 
 
 def _as_images(x: Tensor, name: str):
@@ -543,14 +543,14 @@ def plot_sample_grid(grids: dict[str, Tensor], out_dir: str | os.PathLike, nrow:
     strip_w = width - 0.2
     strip_h = max(strip_w * s.shape[0] / s.shape[1] for s in strips.values())
     height = title + len(strips) * (strip_h + gap)
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     for r, (label, strip) in enumerate(strips.items()):
         bottom = height - title - (r + 1) * (strip_h + gap)
         ax = fig.add_axes((0.1 / width, bottom / height, strip_w / width, strip_h / height))
         _show(ax, strip)
         ax.set_title(label, loc="left", fontsize=9)
     fig.suptitle("Samples from the same initial noise", fontsize=11, y=1 - 0.1 / height, va="top")
-    return _save(fig, Path(out_dir) / "samples_same_seed.png")
+    return save_png(fig, Path(out_dir) / "samples_same_seed.png")
 
 
 def _film_columns(count: int) -> list[int]:
@@ -570,7 +570,7 @@ def plot_film_strip(frames: list[tuple[int, Tensor]], out_dir: str | os.PathLike
     chosen = [frames[i] for i in _film_columns(len(frames))]
     images = [(int(t), _as_images(x[:_MAX_FILM_ROWS], f"frame at t={int(t)}")) for t, x in chosen]
     n = min(len(x) for _, x in images)
-    fig = _figure(1.2 * len(images) + 0.4, 1.2 * n + 0.6)
+    fig = new_figure(1.2 * len(images) + 0.4, 1.2 * n + 0.6)
     fig.subplots_adjust(wspace=0.06, hspace=0.06)
     for col, (t, x) in enumerate(images):
         for r in range(n):
@@ -579,4 +579,4 @@ def plot_film_strip(frames: list[tuple[int, Tensor]], out_dir: str | os.PathLike
             if r == 0:
                 ax.set_title(f"t={t}" if t >= 0 else "clean", fontsize=9)
     fig.suptitle(f"{label}: the state x_t after each step", fontsize=11)
-    return _save(fig, Path(out_dir) / "film_strip.png")
+    return save_png(fig, Path(out_dir) / "film_strip.png")

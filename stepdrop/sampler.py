@@ -423,7 +423,7 @@ class FusedSampler:
             eps_model = self.model if self.prediction_type == "epsilon" else \
                 EpsilonView(self.model, self.schedule.alphas_cumprod, self.prediction_type)
             return plan.plan(self.schedule, budget, batch_size=batch, generator=plan_gen,
-                             model=eps_model, sample_shape=shape)
+                             model=eps_model, sample_shape=shape, sampler=self)
         raise TypeError(
             f"plan must be a StepPlan, a policy, a policy name or a list of timesteps, got {type(plan).__name__}"
         )

@@ -166,6 +166,8 @@ def test_what_cannot_run_is_refused_before_any_sample(tmp_path, fashion):
     quiet = dict(model_name="tiny", progress=False, log=lambda s: None)
     with pytest.raises(ValueError, match=r"budget must be <= T = 100 .*got 200"):
         run_compare(model, schedule, _config(references=("ddim-200",)), tmp_path / "a", **quiet)
+    with pytest.raises(ValueError, match="'ddpm:optimized-2': policy 'optimized' matches a deterministic trajectory"):
+        run_compare(model, schedule, _config(policies=("optimized",), solvers=("ddpm",)), tmp_path / "e", **quiet)
     with pytest.raises(ValueError, match="cuda_graph=True cannot run policy 'adaptive'"):
         run_compare(model, schedule, _config(policies=("adaptive",), cuda_graph=True), tmp_path / "b", **quiet)
     small = Counted()
@@ -241,14 +243,14 @@ def test_extra_cells_come_after_the_grid_and_before_the_references():
 
 
 def test_fingerprint_is_the_weights_content():
-    from stepdrop.compare import _fingerprint
+    from stepdrop.checkpoint import model_fingerprint
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))  # a 0-dim buffer
-    before = _fingerprint(net)
-    assert before == _fingerprint(net)
+    before = model_fingerprint(net)
+    assert before == model_fingerprint(net)
     with torch.no_grad():
         net[0].weight[0, 0, 0, 0] += 1
-    assert _fingerprint(net) != before
+    assert model_fingerprint(net) != before
 
 
 def test_compare_cli_help_and_bad_flags(capsys):

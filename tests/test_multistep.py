@@ -220,9 +220,9 @@ def test_float32_close_to_float64(name, backend):
 
 
 # ----------------------------------------------------------------------------- the peer
-def diffusers_scheduler(name: str, K: int, monkeypatch):
+def diffusers_scheduler(name: str, K: int, monkeypatch, timesteps: list[int] | None = None):
     """diffusers' scheduler for ``name`` on our float64 table, trailing spacing (our "uniform"
-    plan) and a last step to σ = 0 (our clean end). diffusers casts x_t to float32 inside each
+    plan) or the given ``timesteps`` (DPM-Solver only) and a last step to σ = 0 (our clean end). diffusers casts x_t to float32 inside each
     DPM-Solver step; the module's ``torch.float32`` is pointed at float64 so that the whole
     trajectory compares in float64."""
     diffusers = pytest.importorskip("diffusers")
@@ -238,7 +238,7 @@ def diffusers_scheduler(name: str, K: int, monkeypatch):
     module = __import__(cls.__module__, fromlist=["torch"])
     monkeypatch.setattr(module, "torch", types.SimpleNamespace(**{**vars(torch), "float32": torch.float64}))
     sched = cls(**common, **kwargs)
-    sched.set_timesteps(K)
+    sched.set_timesteps(K) if timesteps is None else sched.set_timesteps(timesteps=timesteps)
     # identical float64 tables on both sides: diffusers rounds its σ = √((1−ᾱ)/ᾱ) to float32
     sigmas = ((1 - TABLE[sched.timesteps]) / TABLE[sched.timesteps]).sqrt()
     sched.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
