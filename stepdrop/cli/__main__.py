@@ -1,0 +1,7 @@
+"""``python -m stepdrop.cli``."""
+
+import sys
+
+from stepdrop.cli import main
+
+sys.exit(main())
