@@ -17,9 +17,9 @@ setting, since images/s and peak memory belong to them; its metrics are recomput
 the reference features or metric settings change. A cell in progress is checkpointed after every batch
 (``<label>.partial.pt``), so an interrupted run loses at most one batch. A cell file made with
 other settings, or one that cannot be read, is renamed aside (``.set-aside-<time>.pt``) and
-redone, never overwritten. The report
-(``report.json``, ``report.csv``, ``report.md``, PNG plots; :mod:`stepdrop.report`) is
-rewritten after every cell, so a long run shows its progress.
+redone, never overwritten (:mod:`stepdrop.cells`). The report (``report.json``, ``report.csv``,
+``report.md``: :mod:`stepdrop.tables`; PNG plots: :mod:`stepdrop.plots`) is rewritten after
+every cell, so a long run shows its progress.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import platform
 import shlex
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,7 +39,9 @@ import torch
 from torch import Tensor
 
 from stepdrop._io import ensure_writable_folder
-from stepdrop.checkpoint import atomic_save, model_fingerprint
+from stepdrop import plots, tables
+from stepdrop.cells import load as _load, load_matching as _load_matching, safe_name as _safe, save as _save
+from stepdrop.checkpoint import model_fingerprint
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.cost import PeakMemory, gflops_per_call
 from stepdrop.solvers import SOLVERS, get_solver
@@ -50,8 +52,6 @@ from stepdrop.sampler import FusedSampler
 from stepdrop.schedule import NoiseSchedule
 
 __all__ = ["CompareConfig", "QUICK", "FULL", "cell_specs", "run_compare"]
-
-_FORMAT = "stepdrop-compare-cell"
 
 
 @dataclass
@@ -142,51 +142,10 @@ def cell_specs(config: CompareConfig) -> list[RunSpec]:
     return specs
 
 
-def _safe(label: str) -> str:
-    return label.replace(":", "_").replace("@", "_n")
-
-
 def _batch_generators(seed: int, index: int) -> tuple[torch.Generator, torch.Generator]:
     """(initial-noise generator, plan/step-noise generator) of batch ``index``."""
     base = (seed << 24) + 2 * index
     return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 1)
-
-
-def _load(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged file is redone, not trusted
-        return None
-    return data if isinstance(data, dict) and data.get("format") == _FORMAT else None
-
-
-def _load_matching(path: Path, key: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The payload stored at ``path`` if it was made with ``key``. A file that cannot be read, or
-    that was made with other settings, is renamed aside (``<name>.set-aside-<UTC time>.pt``)
-    and None returned: it is redone, but hours of sampling are never overwritten."""
-    if not path.exists():
-        return None
-    data = _load(path)
-    if data is not None and data.get("key") == key:
-        return data
-    if data is None:
-        why = "cannot be read as a stepdrop compare file"
-    else:
-        old = data.get("key") or {}
-        changed = [f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(old) | set(key))
-                   if old.get(k) != key.get(k)]
-        why = f"was made with other settings ({'; '.join(changed)})"
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    aside = path.with_name(f"{path.stem}.set-aside-{stamp}{path.suffix}")
-    path.replace(aside)
-    log(f"{path.name} {why}: kept as {aside.name}, redoing it")
-    return None
-
-
-def _save(payload: dict[str, Any], path: Path) -> None:
-    atomic_save({"format": _FORMAT, **payload}, path)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -335,8 +294,8 @@ def run_compare(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or resume) the comparison into ``out``; returns the report dict (schema in
-    :mod:`stepdrop.report`)."""
-    from stepdrop import metrics, report
+    :mod:`stepdrop.tables`)."""
+    from stepdrop import metrics
 
     out = ensure_writable_folder(out)
     device = model_device_dtype(model)[0]
@@ -396,11 +355,11 @@ def run_compare(
             grids[spec.label] = done["state"]["images"][: config.grid_samples].float() / 127.5 - 1
         log(f"{spec.label:<22} NFE {row['nfe_mean']:6.2f}  FID {row['fid']:7.2f}  "
             f"{row['images_per_second'] or 0:7.2f} img/s")
-        _write(report, dict(meta=meta, cells=rows), out, grids, None, None)
+        _write(dict(meta=meta, cells=rows), out, grids, None, None)
     film = _film_report(model, schedule, config, specs, device, cells_dir,
                         dict(sample_key, n=config.film_samples, clean_step=-1))  # frames once stored clean as t=0
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
-    _write(report, full, out, grids, *film)
+    _write(full, out, grids, *film)
     return full
 
 
@@ -449,16 +408,16 @@ def _film_report(model, schedule, config, specs, device, cells_dir, key) -> tupl
     return list(zip(saved["steps"], saved["frames"])), label
 
 
-def _write(report_module, rep: dict[str, Any], out: Path, grids: dict[str, Tensor], frames, film_label) -> None:
-    report_module.write_report(rep, out)
-    report_module.plot_cost_curves(rep, out)
+def _write(rep: dict[str, Any], out: Path, grids: dict[str, Tensor], frames, film_label) -> None:
+    tables.write_report(rep, out)
+    plots.plot_cost_curves(rep, out)
     budgets = sorted({c["budget"] for c in rep["cells"] if not c["reference"]})
     if budgets:
-        report_module.plot_timestep_barcode(rep, out, budget=25 if 25 in budgets else budgets[0])
+        plots.plot_timestep_barcode(rep, out, budget=25 if 25 in budgets else budgets[0])
     if grids:
-        report_module.plot_sample_grid(grids, out)
+        plots.plot_sample_grid(grids, out)
     if frames:
-        report_module.plot_film_strip(frames, out, film_label)
+        plots.plot_film_strip(frames, out, film_label)
 
 
 def _device_name(device: torch.device) -> str:

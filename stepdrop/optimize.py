@@ -216,7 +216,7 @@ def coordinate_search(loss: Callable[[list[int]], float], start: list[int], star
 def write_timesteps(plan: StepPlan, out: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Path]:
     """``timesteps.json`` (the list, the search record and ``meta``), ``timesteps.csv`` (call,
     timestep, log-SNR) and ``timesteps.png`` (the list against the fixed spacings), atomically."""
-    from stepdrop.report import new_figure, save_png
+    from stepdrop.plots import new_figure, save_png
 
     out = Path(out)
     T = plan.num_train_timesteps

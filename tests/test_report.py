@@ -1,4 +1,4 @@
-"""`stepdrop.report`: report.json/csv/md and the PNG plots, from a small synthetic report."""
+"""`stepdrop.tables` and `stepdrop.plots`: report.json/csv/md and the PNG plots, from a small synthetic report."""
 
 import csv
 import json
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stepdrop.report import (REPORT_COLUMNS, pareto_front, plot_cost_curves, plot_film_strip, plot_sample_grid,
-                             plot_timestep_barcode, render_markdown, write_report)
-from stepdrop.report import _film_columns
+from stepdrop.plots import (_film_columns, pareto_front, plot_cost_curves, plot_film_strip, plot_sample_grid,
+                            plot_timestep_barcode)
+from stepdrop.tables import REPORT_COLUMNS, render_markdown, write_report
 
 T = 100
 
@@ -147,7 +147,7 @@ def test_markdown_content():
 
 
 def test_consecutive_timesteps_are_written_as_ranges():
-    from stepdrop.report import _timestep_text
+    from stepdrop.tables import _timestep_text
 
     assert _timestep_text(list(range(999, -1, -1))) == "999…0"
     assert _timestep_text([20, 11, 8, 7, 6, 5]) == "20, 11, 8…5"
@@ -277,7 +277,7 @@ def _scored(policy, budget, fid, ci, solver="ddim", nfe=None, pilot=0):
 
 
 def test_targets_are_checked_from_the_numbers():
-    from stepdrop.report import _target_lines
+    from stepdrop.tables import _target_lines
 
     cells = [
         _scored("uniform", 10, 50.0, [48, 52]), _scored("uniform", 20, 40.0, [38, 42]),
@@ -311,7 +311,7 @@ def test_targets_are_checked_from_the_numbers():
 
 def test_only_cells_with_the_reports_sample_count_are_ranked():
     """FID falls as the sample count grows: a 10k-sample cell must not win on its count."""
-    from stepdrop.report import _budget_lines, _target_lines
+    from stepdrop.tables import _budget_lines, _target_lines
 
     cells = [_scored("uniform", 25, 35.0, [33, 37]), _scored("quadratic", 25, 34.0, [33, 35]),
              _scored("uniform", 50, 30.0, [28, 32]),
@@ -330,7 +330,7 @@ def test_only_cells_with_the_reports_sample_count_are_ranked():
 
 
 def test_a_reference_is_never_the_uniform_baseline():
-    from stepdrop.report import _budget_lines
+    from stepdrop.tables import _budget_lines
 
     reference = dict(_scored("uniform", 25, 50.0, [49, 51]), label="ddim-25@8", reference=True)
     (line,) = _budget_lines([reference, _scored("quadratic", 25, 34.0, [33, 35])], 100)

@@ -53,7 +53,3 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def file_name(label: str) -> str:
-    return label.replace(":", "_").replace("@", "_n")

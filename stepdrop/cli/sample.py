@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepdrop.cli._common import HelpFormatter, add_model_source, add_device_and_threads, load_model, set_threads, file_name
+from stepdrop.cells import safe_name
+from stepdrop.cli._common import HelpFormatter, add_model_source, add_device_and_threads, load_model, set_threads
 
 
 DEFAULT_SPECS = "ddpm-1000@4,ddim-10,ddim-25,stepdrop-25,adaptive-25"
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                         cuda_graph=args.cuda_graph)
     rows = []
     for spec, images, row in results:
-        row["grid"] = str(save_grid(images, out / f"{file_name(spec.label)}.png"))
+        row["grid"] = str(save_grid(images, out / f"{safe_name(spec.label)}.png"))
         rows.append(row)
     meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "clip": args.clip or None,
             "device": args.device,
