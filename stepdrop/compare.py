@@ -130,7 +130,7 @@ FULL = dict(num_samples=10000, batch_size=250)
 def cell_specs(config: CompareConfig) -> list[RunSpec]:
     """The grid (budget-major, so every budget gets all policies early in a long run), the extra
     cells (ranked with the grid: for comparisons that are not a full product), then the references."""
-    grid = [parse_spec(f"{solver}:{policy}-{budget}") for budget in config.budgets for policy in config.policies
+    grid = [RunSpec.of(solver, policy, budget) for budget in config.budgets for policy in config.policies
             for solver in config.solvers]
     specs = grid + [parse_spec(c) for c in config.cells] + [parse_spec(r) for r in config.references]
     seen: dict[tuple, str] = {}

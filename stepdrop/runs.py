@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from stepdrop._io import atomic_write, atomic_write_bytes
-from stepdrop._validation import check_int
+from stepdrop._validation import check_choice, check_int
 from stepdrop.solvers import SOLVERS
 from stepdrop.policies import POLICIES, get_policy
 from stepdrop.sampler import FusedSampler
@@ -38,13 +38,26 @@ _SPEC = re.compile(r"^(?:(?P<solver>[a-z][a-z0-9_]*):)?(?P<policy>[a-z][a-z0-9_]
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One sampling configuration."""
+    """One sampling configuration: ``label`` as the user wrote it (or :meth:`of` names it)."""
 
     label: str
     solver: str
     policy: str
     budget: int
     num_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("policy", self.policy, tuple(POLICIES))
+        check_int("budget", self.budget, low=1)
+        if self.num_samples is not None:
+            check_int("num_samples", self.num_samples, low=1)
+
+    @classmethod
+    def of(cls, solver: str, policy: str, budget: int, num_samples: int | None = None) -> "RunSpec":
+        """The spec with its canonical label ``solver:policy-budget[@num_samples]``."""
+        label = f"{solver}:{policy}-{budget}" + ("" if num_samples is None else f"@{num_samples}")
+        return cls(label, solver, policy, budget, num_samples)
 
 
 def parse_spec(text: str) -> RunSpec:

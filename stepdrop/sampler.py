@@ -37,7 +37,7 @@ from stepdrop.ops import (
 from stepdrop.ops.reference import CLEAN
 from stepdrop.plan import StepPlan
 from stepdrop.prediction import EpsilonView, resolve_prediction_type, to_eps
-from stepdrop.policies import OnlinePolicy, StepPolicy, get_policy
+from stepdrop.policies import OnlinePolicy, StepPolicy, check_budget, get_policy
 from stepdrop.schedule import NoiseSchedule
 from stepdrop.solvers import Solver, StepInfo, get_solver
 
@@ -415,7 +415,7 @@ class FusedSampler:
         if isinstance(plan, (StepPolicy, OnlinePolicy)):
             if budget is None:
                 raise ValueError(f"budget (model calls per sample, in [1, {T}]) is required with policy {plan.name!r}")
-            check_int("budget", budget, low=1, high=T)
+            check_budget(budget, T)
             if isinstance(plan, OnlinePolicy):
                 return plan
             plan_gen = generator if generator is None or generator.device.type == "cpu" else \

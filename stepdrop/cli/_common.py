@@ -53,3 +53,10 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def clip_setting(clip: float) -> float | None:
+    """--clip as the library takes it: None for 0 (no clipping)."""
+    if not clip >= 0:
+        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {clip}")
+    return clip or None

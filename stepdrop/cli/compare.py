@@ -6,7 +6,15 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from stepdrop.cli._common import HelpFormatter, add_model_source, add_device_and_threads, ints, load_model, set_threads
+from stepdrop.cli._common import (
+    HelpFormatter,
+    add_device_and_threads,
+    add_model_source,
+    clip_setting,
+    ints,
+    load_model,
+    set_threads,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     preset = QUICK if args.quick else FULL if args.full else {}
     chosen = dict(
         cells=tuple(c for c in args.cells.split(",") if c.strip()),
-        seed=args.seed, clip=args.clip or None, ref_split=args.ref_split, extractor=args.extractor,
+        seed=args.seed, clip=clip_setting(args.clip), ref_split=args.ref_split, extractor=args.extractor,
         film_label=args.film, cache_dir=args.cache_dir, data_root=args.data_root, backend=args.backend,
         cuda_graph=args.cuda_graph,
     )
@@ -91,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         chosen["dataset"] = args.dataset
     config = CompareConfig(**chosen)
-    if args.clip < 0:
-        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
     set_threads(args.threads)
     loaded = load_model(args)
     trained_on = (loaded.meta or {}).get("dataset")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from stepdrop.cli._common import HelpFormatter, add_model_source, add_device_and_threads, load_model, set_threads
+from stepdrop.cli._common import (
+    HelpFormatter,
+    add_device_and_threads,
+    add_model_source,
+    clip_setting,
+    load_model,
+    set_threads,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,15 +52,13 @@ def run(args: argparse.Namespace) -> int:
     from stepdrop.optimize import Optimized, write_timesteps
     from stepdrop.sampler import FusedSampler
 
-    if args.clip < 0:
-        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
     policy = Optimized(pilot_batch=args.pilot_batch, reference_solver=args.reference_solver,
                        reference_steps=args.reference_steps, max_evals=args.max_evals, seed=args.seed,
                        cache_dir=args.cache_dir, progress=not args.no_progress)
     set_threads(args.threads)
     out = ensure_writable_folder(args.out)
     loaded = load_model(args)
-    sampler = FusedSampler(loaded.model, loaded.schedule, solver=args.solver, clip=args.clip or None,
+    sampler = FusedSampler(loaded.model, loaded.schedule, solver=args.solver, clip=clip_setting(args.clip),
                            backend=args.backend)
     plan = policy.plan(loaded.schedule, args.budget, model=loaded.model, sample_shape=tuple(loaded.model.sample_shape),
                        sampler=sampler)

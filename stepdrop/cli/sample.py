@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 from stepdrop.cells import safe_name
-from stepdrop.cli._common import HelpFormatter, add_model_source, add_device_and_threads, load_model, set_threads
+from stepdrop.cli._common import (
+    HelpFormatter,
+    add_device_and_threads,
+    add_model_source,
+    clip_setting,
+    load_model,
+    set_threads,
+)
 
 
 DEFAULT_SPECS = "ddpm-1000@4,ddim-10,ddim-25,stepdrop-25,adaptive-25"
@@ -60,16 +67,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ensure_writable_folder(out)
     loaded = load_model(args)
-    if args.clip < 0:
-        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {args.clip}")
     results = run_specs(loaded.model, loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
-                        backend=args.backend, clip=args.clip or None, progress=not args.no_progress,
+                        backend=args.backend, clip=clip_setting(args.clip), progress=not args.no_progress,
                         cuda_graph=args.cuda_graph)
     rows = []
     for spec, images, row in results:
         row["grid"] = str(save_grid(images, out / f"{safe_name(spec.label)}.png"))
         rows.append(row)
-    meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "clip": args.clip or None,
+    meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "clip": clip_setting(args.clip),
             "device": args.device,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     json_path, csv_path = write_results(rows, out, meta)
