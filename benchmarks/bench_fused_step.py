@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from stepdrop.ops import _dispatch, available_backends, fused_step, validate_step_inputs
+from stepdrop.ops.step_args import StepOptions
 from stepdrop.schedule import NoiseSchedule
 
 
@@ -62,14 +63,14 @@ def _ratios(med: dict[str, float], moved: int) -> dict[str, float]:
 @pytest.mark.parametrize("batch", [1, 64, 256])
 def test_fused_step_cpu_vs_torch(interleaved, benchmark, batch):
     x, eps, table, t, s, noise = _inputs(batch)
-    kw = dict(noise=noise, active=None, solver="ddim", eta=0.5, clip=None)
-    validate_step_inputs(x, eps, table, t, s, **kw)
+    options = StepOptions(noise, solver="ddim", eta=0.5)
+    validate_step_inputs(x, eps, table, t, s, None, options)
 
     def native():
-        return _dispatch("cpu", x, eps, table, t, s, return_x0=False, **kw)
+        return _dispatch("cpu", x, eps, table, t, s, None, options)
 
     def reference():
-        return _dispatch("torch", x, eps, table, t, s, return_x0=False, **kw)
+        return _dispatch("torch", x, eps, table, t, s, None, options)
 
     def public_api():
         return fused_step(x, eps, table, t, s, noise=noise, solver="ddim", eta=0.5, backend="cpu")
@@ -105,14 +106,14 @@ def test_fused_step_gpu_vs_torch(benchmark_only, interleaved, benchmark, backend
     if not torch.cuda.is_available() or backend not in available_backends("cuda"):
         pytest.skip(f"needs an NVIDIA GPU with the {backend!r} backend (have: {available_backends('cuda') if torch.cuda.is_available() else 'no GPU'})")
     x, eps, table, t, s, noise = (v.cuda() for v in _inputs(batch))
-    kw = dict(noise=noise, active=None, solver="ddim", eta=0.5, clip=None)
-    validate_step_inputs(x, eps, table, t, s, **kw)
+    options = StepOptions(noise, solver="ddim", eta=0.5)
+    validate_step_inputs(x, eps, table, t, s, None, options)
 
     def native():
-        return _dispatch(backend, x, eps, table, t, s, return_x0=False, **kw)
+        return _dispatch(backend, x, eps, table, t, s, None, options)
 
     def reference():
-        return _dispatch("torch", x, eps, table, t, s, return_x0=False, **kw)
+        return _dispatch("torch", x, eps, table, t, s, None, options)
 
     moved, copy = _copy_like_step(x)
     torch.testing.assert_close(native(), reference())

@@ -17,7 +17,7 @@ and replayed; a new seed, x_T or plan of the same length is copied into the buff
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -35,6 +35,7 @@ from stepdrop.ops import (
     validate_step_inputs,
 )
 from stepdrop.ops.reference import CLEAN
+from stepdrop.ops.step_args import PlanOutputs, StepOptions
 from stepdrop.plan import StepPlan
 from stepdrop.prediction import EpsilonView, resolve_prediction_type, to_eps
 from stepdrop.policies import OnlinePolicy, StepPolicy, check_budget, get_policy
@@ -197,11 +198,11 @@ class FusedSampler:
         """Whether each step adds fresh noise (σ > 0)."""
         return self._solver.stochastic
 
-    def _step_kwargs(self) -> dict[str, Any]:
-        """The fused step's settings: the solver's rule (a multistep solver runs DDIM on the ε it
-        rewrites, :mod:`stepdrop.solvers.base`) and the clip."""
+    def _step_options(self) -> StepOptions:
+        """The fused step's settings for a run, without noise: the solver's rule (a multistep
+        solver runs DDIM on the ε it rewrites, :mod:`stepdrop.solvers.base`) and the clip."""
         rule = self._solver.rule
-        return dict(solver=rule.update, eta=rule.eta, clip=self.clip)
+        return StepOptions(None, rule.update, rule.eta, self.clip)
 
     def clear_cuda_graphs(self) -> None:
         """Drop the cached CUDA graphs and their static buffers (their memory goes back to torch)."""
@@ -292,15 +293,17 @@ class FusedSampler:
         active = ts[:, 0] >= 0
         solver = self._solver
         memory = solver.start(x)
+        settings, outputs = self._step_options(), PlanOutputs(counts.nfe, t, active)  # fixed for the run
         for k in steps:
             eps = self._evaluate(x, t, k, counts, run)
             if solver.history:  # steps left per sample, this one included: the multistep order's cap
                 info = StepInfo(k, run.table, t, ts[:, k + 1], active, (ts[:, k:] >= 0).sum(1))
                 x, eps = solver.prepare(x, eps, info, memory)
-            kwargs = dict(noise=noise_at(k), **self._step_kwargs(), nfe=counts.nfe, t_next=t, active_next=active)
+            noise = noise_at(k)
+            options = settings if noise is None else replace(settings, noise=noise)
             if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
-                validate_plan_step_inputs(x, eps, run.table, ts, k, **kwargs)
-            x = _dispatch_plan_step(run.backend, x, eps, run.table, ts, k, **kwargs)
+                validate_plan_step_inputs(x, eps, run.table, ts, k, options, outputs)
+            x = _dispatch_plan_step(run.backend, x, eps, run.table, ts, k, options, outputs)
             if callback is not None:
                 callback(k, ts[:, k], x)
         return x
@@ -314,6 +317,7 @@ class FusedSampler:
         counts = Counters(B, budget, x.device, self.check_finite)
         solver = self._solver
         memory = solver.start(x)
+        settings = self._step_options()
         start = clock(x.device)
         for k in progress_steps(budget, progress, policy.name):
             active = t >= 0
@@ -326,8 +330,8 @@ class FusedSampler:
                 remaining = torch.where(s >= 0, budget - k, 1)
                 info = StepInfo(k, run.table, t.clamp(min=0), s, active, remaining)
                 x, eps = solver.prepare(x, eps, info, memory)
-            noise = self._randn(x.shape, run) if self.stochastic else None
-            x = self._update(x, eps, t, s, active, k, run, noise, callback)
+            options = replace(settings, noise=self._randn(x.shape, run)) if self.stochastic else settings
+            x = self._update(x, eps, t, s, active, k, run, options, callback)
             visited[:, k + 1] = torch.where(active, s, visited[:, k + 1])
             t = s
         wall = clock(x.device) - start
@@ -347,13 +351,11 @@ class FusedSampler:
         counts.check(k, eps)
         return eps
 
-    def _update(self, x, eps, t, s, active, k, run: "Run", noise, callback) -> Tensor:
-        """One fused step t → s of the online loop (noise: this step's z, or None for a
-        deterministic solver)."""
-        kwargs = dict(noise=noise, active=active, **self._step_kwargs())
+    def _update(self, x, eps, t, s, active, k, run: "Run", options: StepOptions, callback) -> Tensor:
+        """One fused step t → s of the online loop (``options`` with this step's z, if any)."""
         if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
-            validate_step_inputs(x, eps, run.table, t, s, **kwargs)
-        x = _dispatch(run.backend, x, eps, run.table, t, s, return_x0=False, **kwargs)
+            validate_step_inputs(x, eps, run.table, t, s, active, options)
+        x = _dispatch(run.backend, x, eps, run.table, t, s, active, options)
         if callback is not None:
             callback(k, t, x)
         return x

@@ -24,6 +24,7 @@ import torch
 
 from stepdrop.ops import available_backends, fused_step, resolve_backend, triton_step
 from stepdrop.ops.reference import CLEAN, fused_step_reference
+from stepdrop.ops.step_args import StepOptions
 from backend_cases import T, as_f64, assert_matches_reference, interpreter_results, make_case, table
 
 SOLVERS = [("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("ddpm", 0.0)]
@@ -131,8 +132,7 @@ def _interpreter_main(path: str) -> None:
     results = {cid: _runmake_case(spec) for cid, spec in CPU_CASES.items()}
     x, eps, noise = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).unbind(0)
     t, s = torch.tensor([10**9, -5, 999]), torch.tensor([10**9 - 1, CLEAN, 10**12])
-    kw = dict(noise=noise, active=None, solver="ddpm", eta=0.0, clip=None)
-    results["clamped"] = triton_step.fused_step_triton(x, eps, table(), t, s, **kw, return_x0=True)
+    results["clamped"] = triton_step.fused_step_triton(x, eps, table(), t, s, None, StepOptions(noise, "ddpm"), True)
     case, kw = _build(CPU_CASES[NO_X0])
     results["no-x0"] = fused_step(**case, **kw, backend="triton")
     results["sampler"] = {b: _sampler_runs(b) for b in ("triton", "torch")}
@@ -195,9 +195,8 @@ def test_unavailable_without_triton(monkeypatch):
     assert not triton_step.triton_available("cpu") and not triton_step.triton_available("cuda")
     assert "triton" not in available_backends("cpu") and "triton" not in available_backends("cuda")
     with pytest.raises(RuntimeError, match="triton is not available"):
-        triton_step.fused_step_triton(*[torch.zeros(1)] * 3, torch.zeros(1, dtype=torch.int64),
-                                      torch.zeros(1, dtype=torch.int64), noise=None, active=None, solver="ddim",
-                                      eta=0.0, clip=None, return_x0=False)  # fmt: skip
+        index = torch.zeros(1, dtype=torch.int64)
+        triton_step.fused_step_triton(*[torch.zeros(1)] * 3, index, index, None, StepOptions(), False)
 
 
 # ---------------------------------------------------------------------------------- CUDA
@@ -232,14 +231,15 @@ def test_cuda_batch_beyond_grid_y_limit():
 def test_cuda_graph_replay():
     _need_cuda()
     case = make_case(5, (3, 8, 8), torch.float32, solver="ddpm", eta=0.0, masked=True, device="cuda")
-    kw = dict(solver="ddpm", eta=0.0, clip=1.0, return_x0=False)
-    triton_step.fused_step_triton(**case, **kw)  # compile outside the capture
+    args = [case[name] for name in ("x", "eps", "alphas_cumprod", "t", "s", "active")]
+    options = StepOptions(case["noise"], solver="ddpm", clip=1.0)
+    triton_step.fused_step_triton(*args, options, False)  # compile outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = triton_step.fused_step_triton(**case, **kw)
+            captured = triton_step.fused_step_triton(*args, options, False)
     torch.cuda.current_stream().wait_stream(stream)
     case["x"].mul_(0.5)  # new values in the static input buffer, then replay
     graph.replay()

@@ -32,12 +32,14 @@ from stepdrop.ops.reference import (
     q_sample,
     step_coefficients,
 )
+from stepdrop.ops.step_args import PlanOutputs, StepOptions
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
 __all__ = [
     "BACKENDS",
     "CLEAN",
+    "FLOAT_DTYPES",
     "SOLVERS",
     "available_backends",
     "fused_plan_step",
@@ -51,15 +53,26 @@ __all__ = [
     "step_coefficients",
 ]
 
+
+def _reference_step(x, eps, alphas_cumprod, t, s, active, options: StepOptions, return_x0: bool):
+    """The torch backend of the fused step: the reference, given its settings as keywords."""
+    return fused_step_reference(x, eps, alphas_cumprod, t, s, active=active, return_x0=return_x0, **vars(options))
+
+
+def _reference_plan_step(x, eps, alphas_cumprod, plan, k, options: StepOptions, outputs: PlanOutputs):
+    """The torch backend of the plan step: the reference, given its settings as keywords."""
+    return fused_plan_step_reference(x, eps, alphas_cumprod, plan, k, **vars(options), **vars(outputs))
+
+
 _IMPLS = {
     "fused_step": dict(
-        torch=fused_step_reference,
+        torch=_reference_step,
         cpu=_native.fused_step,
         cuda=_native.fused_step,
         triton=triton_step.fused_step_triton,
     ),
     "fused_plan_step": dict(
-        torch=fused_plan_step_reference,
+        torch=_reference_plan_step,
         cpu=_native.fused_plan_step,
         cuda=_native.fused_plan_step,
         triton=triton_step.fused_plan_step_triton,
@@ -68,7 +81,11 @@ _IMPLS = {
         torch=grad_norm_probe, cpu=_native.grad_probe, cuda=_native.grad_probe, triton=triton_step.grad_probe_triton
     ),
 }
-"""The one dispatch table: op → concrete backend → implementation (validated inputs in)."""
+"""The one dispatch table: op → concrete backend → implementation (validated inputs in). The
+steps' implementations take ``(x, eps, alphas_cumprod, t, s, active, options, return_x0)`` and
+``(x, eps, alphas_cumprod, plan, k, options, outputs)``, with the settings in one
+:class:`~stepdrop.ops.step_args.StepOptions` and the plan step's bookkeeping in one
+:class:`~stepdrop.ops.step_args.PlanOutputs`."""
 
 
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
@@ -125,15 +142,16 @@ def fused_step(
     Non-contiguous inputs are accepted (the compiled backends copy them to contiguous memory).
     Raises ``TypeError``/``ValueError`` naming the argument on any malformed input.
     """
-    validate_step_inputs(x, eps, alphas_cumprod, t, s, noise=noise, active=active, solver=solver, eta=eta, clip=clip)
-    kwargs = dict(noise=noise, active=active, solver=solver, eta=eta, clip=clip, return_x0=return_x0)
-    return _dispatch(resolve_backend(backend, x.device), x, eps, alphas_cumprod, t, s, **kwargs)
+    options = StepOptions(noise, solver, eta, clip)
+    validate_step_inputs(x, eps, alphas_cumprod, t, s, active, options)
+    return _dispatch(resolve_backend(backend, x.device), x, eps, alphas_cumprod, t, s, active, options, return_x0)
 
 
-def _dispatch(name: str, x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, s: Tensor, **kwargs):
+def _dispatch(name: str, x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, s: Tensor, active: Tensor | None,
+              options: StepOptions, return_x0: bool = False):  # fmt: skip
     """Run the fused step on the concrete backend ``name`` (from :func:`resolve_backend`) with
     validated inputs; shared with :class:`stepdrop.FusedSampler`."""
-    return _IMPLS["fused_step"][name](x, eps, alphas_cumprod, t, s, **kwargs)
+    return _IMPLS["fused_step"][name](x, eps, alphas_cumprod, t, s, active, options, return_x0)
 
 
 def fused_plan_step(
@@ -164,15 +182,15 @@ def fused_plan_step(
     ``plan`` or each other. Raises ``TypeError``/``ValueError`` naming the argument on any
     malformed input.
     """
-    k = validate_plan_step_inputs(x, eps, alphas_cumprod, plan, k, noise=noise, solver=solver, eta=eta, clip=clip,
-                                  nfe=nfe, t_next=t_next, active_next=active_next)  # fmt: skip
-    kwargs = dict(noise=noise, solver=solver, eta=eta, clip=clip, nfe=nfe, t_next=t_next, active_next=active_next)
-    return _dispatch_plan_step(resolve_backend(backend, x.device), x, eps, alphas_cumprod, plan, k, **kwargs)
+    options, outputs = StepOptions(noise, solver, eta, clip), PlanOutputs(nfe, t_next, active_next)
+    k = validate_plan_step_inputs(x, eps, alphas_cumprod, plan, k, options, outputs)
+    return _dispatch_plan_step(resolve_backend(backend, x.device), x, eps, alphas_cumprod, plan, k, options, outputs)
 
 
-def _dispatch_plan_step(name: str, x: Tensor, eps: Tensor, alphas_cumprod: Tensor, plan: Tensor, k: int, **kwargs):
+def _dispatch_plan_step(name: str, x: Tensor, eps: Tensor, alphas_cumprod: Tensor, plan: Tensor, k: int,
+                        options: StepOptions, outputs: PlanOutputs):  # fmt: skip
     """:func:`fused_plan_step` on the concrete backend ``name`` with validated inputs."""
-    return _IMPLS["fused_plan_step"][name](x, eps, alphas_cumprod, plan, k, **kwargs)
+    return _IMPLS["fused_plan_step"][name](x, eps, alphas_cumprod, plan, k, options, outputs)
 
 
 def grad_probe(eps_probe: Tensor, eps: Tensor, v: Tensor, step: float, *, backend: str = "auto") -> Tensor:

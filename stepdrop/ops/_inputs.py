@@ -16,6 +16,7 @@ from torch import Tensor
 
 from stepdrop._validation import check_choice, check_float, check_int, check_same_device, check_tensor
 from stepdrop.ops.reference import CLEAN, SOLVERS
+from stepdrop.ops.step_args import PlanOutputs, StepOptions
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 """dtypes of x, ε and z in the fused step (the update runs in float32, or float64)."""
@@ -23,22 +24,11 @@ PROBE_DTYPES = FLOAT_DTYPES + (torch.float16, torch.bfloat16)
 """dtypes of the probe's inputs (a half-precision model's outputs; sums in float32)."""
 
 
-def validate_step_inputs(
-    x: Tensor,
-    eps: Tensor,
-    alphas_cumprod: Tensor,
-    t: Tensor,
-    s: Tensor,
-    *,
-    noise: Tensor | None,
-    active: Tensor | None,
-    solver: str,
-    eta: float,
-    clip: float | None,
-) -> None:
+def validate_step_inputs(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, s: Tensor, active: Tensor | None,
+                         options: StepOptions) -> None:  # fmt: skip
     """All checks of :func:`stepdrop.ops.fused_step`. Value checks on t, s and the ᾱ table
     (each entry in (0, 1)) run only for CPU tensors; kernels clamp indices regardless."""
-    _check_data(x, eps, noise, alphas_cumprod)
+    _check_data(x, eps, options.noise, alphas_cumprod)
     batch = x.shape[0]
     for name, idx in (("t", t), ("s", s)):
         check_tensor(name, idx, dtypes=(torch.int64,), ndim=1)
@@ -48,34 +38,21 @@ def validate_step_inputs(
         check_tensor("active", active, dtypes=(torch.bool,), ndim=1)
         if active.numel() != batch:
             raise ValueError(f"active must have one entry per sample ({batch}), got {active.numel()}")
-    check_same_device(x=x, eps=eps, alphas_cumprod=alphas_cumprod, t=t, s=s, noise=noise, active=active)
-    _check_options(noise, solver, eta, clip)
+    check_same_device(x=x, eps=eps, alphas_cumprod=alphas_cumprod, t=t, s=s, noise=options.noise, active=active)
+    _check_options(options)
     if x.device.type == "cpu" and batch > 0:
         live = None if active is None else _view(active)
         _check_timesteps(_view(t), _view(s), live, alphas_cumprod.numel() - 1, "t", "s")
 
 
-def validate_plan_step_inputs(
-    x: Tensor,
-    eps: Tensor,
-    alphas_cumprod: Tensor,
-    plan: Tensor,
-    k: int,
-    *,
-    noise: Tensor | None,
-    solver: str,
-    eta: float,
-    clip: float | None,
-    nfe: Tensor | None,
-    t_next: Tensor | None,
-    active_next: Tensor | None,
-) -> int:
+def validate_plan_step_inputs(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, plan: Tensor, k: int,
+                              options: StepOptions, outputs: PlanOutputs) -> int:  # fmt: skip
     """All checks of :func:`stepdrop.ops.fused_plan_step`; returns ``k`` as an int.
 
     On CPU tensors the two plan columns the step reads are checked too: active samples
     (plan[b, k] ≥ 0) need plan[b, k] ≤ T−1 and CLEAN ≤ plan[b, k+1] < plan[b, k], and a
     finished row stays finished (plan[b, k] = CLEAN ⇒ plan[b, k+1] = CLEAN)."""
-    _check_data(x, eps, noise, alphas_cumprod)
+    _check_data(x, eps, options.noise, alphas_cumprod)
     batch = x.shape[0]
     check_tensor("plan", plan, dtypes=(torch.int64,), ndim=2)
     if plan.shape[0] != batch:
@@ -84,8 +61,8 @@ def validate_plan_step_inputs(
         raise ValueError(f"plan must have at least 2 columns (step k goes from column k to k+1), got shape "
                          f"{tuple(plan.shape)}")  # fmt: skip
     k = check_int("k", k, low=0, high=plan.shape[1] - 2)
-    outputs = dict(nfe=nfe, t_next=t_next, active_next=active_next)
-    for name, out in outputs.items():
+    written = vars(outputs)  # the fields by name: nfe, t_next, active_next
+    for name, out in written.items():
         if out is None:
             continue
         check_tensor(name, out, dtypes=(torch.bool if name == "active_next" else torch.int64,), ndim=1)
@@ -93,9 +70,9 @@ def validate_plan_step_inputs(
             raise ValueError(f"{name} must have one entry per sample ({batch}), got {out.numel()}")
         if not out.is_contiguous():
             raise ValueError(f"{name} must be contiguous: it is written in place")
-    check_same_device(x=x, eps=eps, alphas_cumprod=alphas_cumprod, plan=plan, noise=noise, **outputs)
-    _check_no_shared_memory(plan=plan, **outputs)
-    _check_options(noise, solver, eta, clip)
+    check_same_device(x=x, eps=eps, alphas_cumprod=alphas_cumprod, plan=plan, noise=options.noise, **written)
+    _check_no_shared_memory(plan=plan, **written)
+    _check_options(options)
     if x.device.type == "cpu" and batch > 0:
         t, s = _view(plan[:, k]), _view(plan[:, k + 1])
         t_name, s_name = f"plan[:, {k}]", f"plan[:, {k + 1}]"
@@ -149,13 +126,14 @@ def _check_data(x: Tensor, eps: Tensor, noise: Tensor | None, alphas_cumprod: Te
             )
 
 
-def _check_options(noise: Tensor | None, solver: str, eta: float, clip: float | None) -> None:
+def _check_options(options: StepOptions) -> None:
     """The solver, its scalars, and the noise that a stochastic update needs."""
+    solver, eta = options.solver, options.eta
     check_choice("solver", solver, SOLVERS)
     check_float("eta", eta, low=0.0, high=1.0)
-    if clip is not None:
-        check_float("clip", clip, low=0.0, low_open=True)
-    if noise is None and (solver == "ddpm" or eta > 0):
+    if options.clip is not None:
+        check_float("clip", options.clip, low=0.0, low_open=True)
+    if options.noise is None and (solver == "ddpm" or eta > 0):
         raise ValueError(f"noise is required for solver={solver!r} with eta={eta} (the update adds σ·z)")
 
 

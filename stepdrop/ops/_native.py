@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from stepdrop.ops.reference import SOLVERS
+from stepdrop.ops.step_args import PlanOutputs, StepOptions
 
 try:
     from stepdrop import _C  # type: ignore[attr-defined]
@@ -38,20 +39,8 @@ def has_cuda() -> bool:
     return _C is not None and bool(_C.has_cuda()) and torch.cuda.is_available()
 
 
-def fused_step(
-    x: Tensor,
-    eps: Tensor,
-    alphas_cumprod: Tensor,
-    t: Tensor,
-    s: Tensor,
-    *,
-    noise: Tensor | None,
-    active: Tensor | None,
-    solver: str,
-    eta: float,
-    clip: float | None,
-    return_x0: bool,
-) -> Tensor | tuple[Tensor, Tensor]:
+def fused_step(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, s: Tensor, active: Tensor | None,
+               options: StepOptions, return_x0: bool) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
     """Native fused step; same contract as :func:`stepdrop.ops.reference.fused_step_reference`."""
     _require()
     x = x.contiguous()
@@ -62,29 +51,16 @@ def fused_step(
         _table(alphas_cumprod),
         t.contiguous(),
         s.contiguous(),
-        _contiguous(noise),
+        _contiguous(options.noise),
         _contiguous(active),
-        *_scalars(solver, eta, clip),
+        *_scalars(options),
         x0,
     )
     return (x_next, x0) if return_x0 else x_next
 
 
-def fused_plan_step(
-    x: Tensor,
-    eps: Tensor,
-    alphas_cumprod: Tensor,
-    plan: Tensor,
-    k: int,
-    *,
-    noise: Tensor | None,
-    solver: str,
-    eta: float,
-    clip: float | None,
-    nfe: Tensor | None,
-    t_next: Tensor | None,
-    active_next: Tensor | None,
-) -> Tensor:
+def fused_plan_step(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, plan: Tensor, k: int, options: StepOptions,
+                    outputs: PlanOutputs) -> Tensor:  # fmt: skip
     """Native plan step; same contract as :func:`stepdrop.ops.reference.fused_plan_step_reference`.
     The plan is read through its strides (no copy); the outputs are contiguous (validated)."""
     _require()
@@ -94,11 +70,11 @@ def fused_plan_step(
         _table(alphas_cumprod),
         plan,
         int(k),
-        _contiguous(noise),
-        *_scalars(solver, eta, clip),
-        nfe,
-        t_next,
-        active_next,
+        _contiguous(options.noise),
+        *_scalars(options),
+        outputs.nfe,
+        outputs.t_next,
+        outputs.active_next,
     )
 
 
@@ -122,6 +98,7 @@ def _contiguous(v: Tensor | None) -> Tensor | None:
     return None if v is None else v.contiguous()
 
 
-def _scalars(solver: str, eta: float, clip: float | None) -> tuple[int, float, float]:
+def _scalars(options: StepOptions) -> tuple[int, float, float]:
     """(solver code, η, clip) as the binding takes them; clip 0 means no clipping."""
-    return SOLVERS.index(solver), float(eta), 0.0 if clip is None else float(clip)
+    clip = options.clip
+    return SOLVERS.index(options.solver), float(options.eta), 0.0 if clip is None else float(clip)

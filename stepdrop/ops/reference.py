@@ -137,11 +137,9 @@ def fused_step_reference(
         x, eps: [B, ...] current sample x_t and the model's noise prediction ε.
         alphas_cumprod: [T] ᾱ table.
         t, s: [B] int64 current and next timestep; ``s = -1`` is the clean end.
-        noise: [B, ...] z ~ N(0, I), needed when σ > 0 (``solver="ddpm"`` or η > 0).
         active: [B] bool; inactive samples are returned unchanged (x̂0 for them is x).
-        solver: "ddim" or "ddpm".
-        eta: DDIM stochasticity η ∈ [0, 1] (ignored by "ddpm").
-        clip: clip x̂0 to [−clip, clip] before the update, or None.
+        noise, solver, eta, clip: the update's settings, each defined in
+            :class:`~stepdrop.ops.step_args.StepOptions`.
         return_x0: also return x̂0.
 
     Returns:
@@ -192,10 +190,8 @@ def fused_plan_step_reference(
         plan: int64 [B, L]; each row strictly decreasing model-call timesteps in [0, T−1],
             then :data:`CLEAN`, padded with CLEAN (a row may finish early).
         k: the loop step, in [0, L−2].
-        nfe: int64 [B] model-call counter, updated in place: nfe[b] += active.
-        t_next: int64 [B], written: max(plan[b, k+1], 0), the timestep of the next model call
-            (clamped so that a finished sample indexes a valid embedding).
-        active_next: bool [B], written: plan[b, k+1] ≥ 0.
+        nfe, t_next, active_next: the bookkeeping, written in place, each defined in
+            :class:`~stepdrop.ops.step_args.PlanOutputs`.
 
     Returns:
         x_next in the dtype of ``x``.

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from stepdrop.ops.reference import SOLVERS
+from stepdrop.ops.step_args import PlanOutputs, StepOptions
 
 BLOCK_SIZE = 1024
 """Elements of one sample handled by one program of the step, or per iteration of the
@@ -220,56 +221,30 @@ def _float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def fused_step_triton(
-    x: Tensor,
-    eps: Tensor,
-    alphas_cumprod: Tensor,
-    t: Tensor,
-    s: Tensor,
-    *,
-    noise: Tensor | None,
-    active: Tensor | None,
-    solver: str,
-    eta: float,
-    clip: float | None,
-    return_x0: bool,
-) -> Tensor | tuple[Tensor, Tensor]:
+def fused_step_triton(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, t: Tensor, s: Tensor, active: Tensor | None,
+                      options: StepOptions, return_x0: bool) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
     """Triton fused step; same contract as :func:`stepdrop.ops.reference.fused_step_reference`.
 
     Inputs are assumed validated (:func:`stepdrop.ops.validate_step_inputs`); non-contiguous
     ones are copied to contiguous memory here.
     """
     active = None if active is None else active.contiguous().view(torch.uint8)
-    return _launch_step(x, eps, alphas_cumprod, noise, solver, eta, clip, return_x0, t=t.contiguous(),
-                        s=s.contiguous(), active=active)  # fmt: skip
+    return _launch_step(x, eps, alphas_cumprod, options, return_x0, t=t.contiguous(), s=s.contiguous(), active=active)
 
 
-def fused_plan_step_triton(
-    x: Tensor,
-    eps: Tensor,
-    alphas_cumprod: Tensor,
-    plan: Tensor,
-    k: int,
-    *,
-    noise: Tensor | None,
-    solver: str,
-    eta: float,
-    clip: float | None,
-    nfe: Tensor | None,
-    t_next: Tensor | None,
-    active_next: Tensor | None,
-) -> Tensor:
+def fused_plan_step_triton(x: Tensor, eps: Tensor, alphas_cumprod: Tensor, plan: Tensor, k: int, options: StepOptions,
+                           outputs: PlanOutputs) -> Tensor:  # fmt: skip
     """Triton plan step; same contract as :func:`stepdrop.ops.reference.fused_plan_step_reference`.
 
     Inputs are assumed validated (:func:`stepdrop.ops.validate_plan_step_inputs`): the plan is
     read through its strides, the outputs are contiguous and written in place."""
-    active_next = None if active_next is None else active_next.view(torch.uint8)
-    return _launch_step(x, eps, alphas_cumprod, noise, solver, eta, clip, False, plan=plan, k=k, nfe=nfe,
-                        t_next=t_next, active_next=active_next)  # fmt: skip
+    active_next = None if outputs.active_next is None else outputs.active_next.view(torch.uint8)
+    return _launch_step(x, eps, alphas_cumprod, options, False, plan=plan, k=k, nfe=outputs.nfe,
+                        t_next=outputs.t_next, active_next=active_next)  # fmt: skip
 
 
-def _launch_step(x, eps, alphas_cumprod, noise, solver, eta, clip, return_x0, *, t=None, s=None, active=None,
-                 plan=None, k=0, nfe=None, t_next=None, active_next=None):  # fmt: skip
+def _launch_step(x, eps, alphas_cumprod, options: StepOptions, return_x0, *, t=None, s=None, active=None, plan=None,
+                 k=0, nfe=None, t_next=None, active_next=None):  # fmt: skip
     """Launch :func:`_fused_step_kernel` on a grid (B, blocks of a sample): the one launcher of
     both steps, indexed by (t, s, active) or by (plan, k). Absent pointers are passed as
     placeholders that the compile-time flags leave unread."""
@@ -283,7 +258,8 @@ def _launch_step(x, eps, alphas_cumprod, noise, solver, eta, clip, return_x0, *,
     if batch == 0 or (numel == 0 and not bookkeeping):
         return (x_next, x0) if return_x0 else x_next
     eps = eps.contiguous()
-    noise = None if noise is None else noise.contiguous()
+    noise = None if options.noise is None else options.noise.contiguous()
+    clip = options.clip
     table = alphas_cumprod.to(torch.float64).contiguous()
     blocks = max(1, -(-numel // BLOCK_SIZE))  # at least one program per sample: its bookkeeping
     grid_y = min(blocks, MAX_GRID_Y)
@@ -293,8 +269,8 @@ def _launch_step(x, eps, alphas_cumprod, noise, solver, eta, clip, return_x0, *,
         kernel[(batch, grid_y)](
             x, eps, _or(noise, x), table, _or(t, idx), _or(s, idx), _or(active, idx), x_next, _or(x0, x_next),
             idx, *plan_strides, int(k), _or(nfe, idx), _or(t_next, idx), _or(active_next, idx),
-            numel, table.numel(), _float_bits(eta), _float_bits(0.0 if clip is None else clip),
-            DDPM=SOLVERS.index(solver) == 1, HAS_NOISE=noise is not None,
+            numel, table.numel(), _float_bits(options.eta), _float_bits(0.0 if clip is None else clip),
+            DDPM=SOLVERS.index(options.solver) == 1, HAS_NOISE=noise is not None,
             HAS_ACTIVE=active is not None or plan is not None, CLIP=clip is not None, RETURN_X0=return_x0, PLAN=plan is not None, HAS_NFE=nfe is not None,
             HAS_T_NEXT=t_next is not None, HAS_ACTIVE_NEXT=active_next is not None, BLOCK_SIZE=BLOCK_SIZE,
             BLOCKS_PER_PROGRAM=-(-blocks // grid_y),
