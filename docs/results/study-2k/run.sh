@@ -7,9 +7,9 @@
 # the cells of the stages before it and writes the report of everything it names.
 #   STAGE 1 (default, about 2 h 30 min on 2 CPU cores): what the README reports: uniform DDIM and
 #     StepDrop at 10/25/50 calls, DDIM-100, DPM-Solver++(2M) and UniPC at 10 and 25 calls on
-#     log-SNR spacing, both at 10 calls on cosine spacing (the fixed spacing the optimized search
-#     starts from) and on optimized timesteps, then uniform DDIM-25 with x̂0 clipped, in OUT-clipped.
-#     The optimized cells run `stepdrop optimize` first (cached; about 10 min each).
+#     log-SNR spacing, and at 10 calls on the fixed spacing each optimized search starts from
+#     (cosine, quadratic) and on optimized timesteps; then uniform DDIM-25 with x̂0 clipped, in
+#     OUT-clipped. `stepdrop optimize` runs first (its result is cached; about 10 min each).
 #   STAGE 2 (about 5 h more): the rest of the grid (quadratic, importance, noise-aware, exact and
 #     per-sample StepDrop, 20 calls) and the stochastic DDPM-1000 reference.
 # On a GPU add --device cuda --cuda-graph to COMMON (and to the optimize calls: --device cuda).
@@ -19,7 +19,7 @@ STAGE=${2:-1}
 PY=${PY:-python}
 COMMON=(--num-samples 2000 --ref-samples 5000 --bootstrap 50 --batch-size 100 --threads 2 --clip 0)
 CELLS=dpmpp_2m:logsnr-10,unipc:logsnr-10,dpmpp_2m:logsnr-25,unipc:logsnr-25
-CELLS=$CELLS,dpmpp_2m:cosine-10,unipc:cosine-10,dpmpp_2m:optimized-10,unipc:optimized-10
+CELLS=$CELLS,dpmpp_2m:cosine-10,unipc:quadratic-10,dpmpp_2m:optimized-10,unipc:optimized-10
 for solver in dpmpp_2m unipc; do  # the searched timesteps, cached for the optimized-10 cells
   $PY -m stepdrop.cli optimize --budget 10 --solver "$solver" --clip 0 --threads 2 --out "$OUT-optimized/$solver-10"
 done
