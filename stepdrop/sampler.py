@@ -1,14 +1,17 @@
 """FusedSampler: run a step plan (or an online policy) through a model with the fused step.
 
 Data flow (docs/DESIGN.md §2): for k = 0..L−2, ε = model(x, t_k) on the whole batch with a
-per-sample timestep vector (a v- or x0-prediction turned into ε, :mod:`stepdrop.prediction`), then one ``fused_plan_step`` t_k → t_{k+1} (an online policy's
-loop: one ``fused_step``). Samples whose plan has ended are masked (their x is passed
+per-sample timestep vector (a v- or x0-prediction turned into ε,
+:mod:`stepdrop.prediction`), then one ``fused_plan_step`` t_k → t_{k+1}. One loop serves
+every plan: an online policy runs in it as a per-step hook (:class:`OnlineSteps`) that
+writes the plan's next column from the model's output, and a multistep solver as the history
+that turns ε into its ε'. Samples whose plan has ended are masked (their x is passed
 through), never split off the batch. Model calls are counted as they happen, per sample, by
-the step kernel: ``SampleStats.nfe`` is a count, not the plan's label.
-Nothing in the loop waits for the device (given a generator on the sampling device; a CPU
-generator with CUDA tensors reproduces bit for bit but copies each step's noise over); a
-non-finite model output is recorded on the device and reported once after the loop, naming
-the step and the timestep.
+the step kernel: ``SampleStats.nfe`` is a count, not the plan's label. Nothing in the loop
+waits for the device (given a generator on the sampling device; a CPU generator with CUDA
+tensors reproduces bit for bit but copies each step's noise over); a non-finite model output
+is recorded on the device and reported once after the loop, naming the step and the
+timestep.
 
 With ``cuda_graph=True`` (docs/DESIGN.md §5) that same loop, unchanged, is captured once into a
 ``torch.cuda.CUDAGraph`` over static buffers (x_T, the [B, L] plan, the [K, B, …] step noise)
@@ -29,10 +32,8 @@ from stepdrop.loop import Counters, NonFiniteOutputError, Run, clock, progress_s
 from stepdrop.ops import (
     BACKENDS,
     FLOAT_DTYPES,
-    _dispatch,
     _dispatch_plan_step,
     validate_plan_step_inputs,
-    validate_step_inputs,
 )
 from stepdrop.ops.reference import CLEAN
 from stepdrop.ops.step_args import PlanOutputs, StepOptions
@@ -103,6 +104,23 @@ class SampleStats:
 
 
 PlanLike = StepPlan | StepPolicy | OnlinePolicy | str | Sequence[int] | Tensor
+
+
+class OnlineSteps:
+    """The per-step hook that runs an :class:`OnlinePolicy` in the plan loop: after the call at
+    column k it asks the policy for each active sample's next timestep and writes it into
+    column k+1 (finished rows stay :data:`CLEAN`). Returns the steps left per sample for the
+    multistep order's cap: 1 into the clean end, else bounded by the budget left."""
+
+    def __init__(self, policy: OnlinePolicy, state: dict[str, Any], budget: int):
+        self.policy, self.state, self.budget = policy, state, budget
+
+    def __call__(self, k: int, x: Tensor, eps: Tensor, ts: Tensor) -> Tensor:
+        t = ts[:, k]
+        active = t >= 0
+        s = self.policy.next_timesteps(self.state, x, eps, t, active)  # the policy reads the model's own ε
+        ts[:, k + 1] = torch.where(active, s, CLEAN)
+        return torch.where(s >= 0, self.budget - k, 1)
 
 
 class FusedSampler:
@@ -270,34 +288,56 @@ class FusedSampler:
 
     # ------------------------------------------------------------------ loops
     def _sample_plan(self, x, plan: StepPlan, run: "Run", progress, callback):
-        B, shape = x.shape[0], x.shape
-        ts = plan.expand(B).to(x.device, non_blocking=True)
-        counts = Counters(B, plan.length - 1, x.device, self.check_finite)
-        noise_at = (lambda k: self._randn(shape, run)) if self.stochastic else (lambda k: None)
+        ts = plan.expand(x.shape[0]).to(x.device, non_blocking=True)
+        steps = progress_steps(plan.length - 1, progress, plan.policy)
+        return self._sample(x, ts, steps, plan, run, callback)
+
+    def _sample_online(self, x, policy: OnlinePolicy, budget, run: "Run", progress, callback):
+        """The plan loop on a plan that the policy writes one column ahead (:class:`OnlineSteps`)."""
+        B = x.shape[0]
+        state = policy.start(self.schedule, budget, B, x.device)
+        ts = torch.full((B, budget + 1), CLEAN, dtype=torch.int64, device=x.device)
+        ts[:, 0] = state["t0"]
+        steps = progress_steps(budget, progress, policy.name)
+        return self._sample(x, ts, steps, None, run, callback, OnlineSteps(policy, state, budget), policy.name)
+
+    def _sample(self, x, ts, steps, plan: StepPlan | None, run: "Run", callback, hook=None, policy: str = ""):
+        counts = Counters(x.shape[0], ts.shape[1] - 1, x.device, self.check_finite)
+        noise_at = (lambda k: self._randn(x.shape, run)) if self.stochastic else (lambda k: None)
         start = clock(x.device)
-        x = self._run_plan(x, ts, progress_steps(plan.length - 1, progress, plan.policy), noise_at, counts, run, callback)
+        x = self._run_plan(x, ts, steps, noise_at, counts, run, callback, hook)
         wall = clock(x.device) - start
         counts.raise_if_nonfinite(ts)
+        if plan is None:  # an online run: its plan is the one it wrote
+            plan = StepPlan(ts.cpu(), self.schedule.num_timesteps, policy=policy)
         return x, self._stats(counts, plan, ts, wall, run.backend)
 
     def _run_plan(self, x, ts, steps: Iterable[int], noise_at: Callable[[int], Tensor | None],
-                  counts: "Counters", run: "Run", callback) -> Tensor:
-        """The loop shared by eager sampling and the CUDA-graph capture, over a [B, L] plan ``ts``.
+                  counts: "Counters", run: "Run", callback, hook: "OnlineSteps | None" = None) -> Tensor:
+        """The one sampling loop: eager plans, online policies and the CUDA-graph capture, over a
+        [B, L] plan ``ts``.
 
-        Step k: ε = model(x, t) on the whole batch with t = max(ts[:, k], 0), then one
+        Step k: ε = model(x, t) on the whole batch with t = max(ts[:, k], 0); then ``hook``, if
+        any, writes ts[:, k+1] from the model's own ε (an online policy); then the solver's
+        history turns ε into its ε' (a multistep solver); then one
         :func:`stepdrop.ops.fused_plan_step`, which in a single launch updates ts[:, k] → ts[:, k+1]
         (samples whose row has ended, ts[b, k] = CLEAN, are masked, not branched on) and does the
-        bookkeeping: nfe += active, and the next step's t and active, written in place. Sync-free:
-        the plan is read on the device and k reaches the kernel as an argument."""
+        bookkeeping: nfe += active, and the next step's t and active, written in place. Sync-free
+        without a hook: the plan is read on the device and k reaches the kernel as an argument."""
         t = ts[:, 0].clamp(min=0)  # the model's timesteps and the active mask, rewritten by each step
         active = ts[:, 0] >= 0
         solver = self._solver
         memory = solver.start(x)
         settings, outputs = self._step_options(), PlanOutputs(counts.nfe, t, active)  # fixed for the run
         for k in steps:
+            if hook is not None and x.device.type == "cpu" and not bool(active.any()):
+                break  # every online row has ended: free to see on the CPU, a sync on a GPU
             eps = self._evaluate(x, t, k, counts, run)
+            remaining = None if hook is None else hook(k, x, eps, ts)
             if solver.history:  # steps left per sample, this one included: the multistep order's cap
-                info = StepInfo(k, run.table, t, ts[:, k + 1], active, (ts[:, k:] >= 0).sum(1))
+                if remaining is None:
+                    remaining = (ts[:, k:] >= 0).sum(1)
+                info = StepInfo(k, run.table, t, ts[:, k + 1], active, remaining)
                 x, eps = solver.prepare(x, eps, info, memory)
             noise = noise_at(k)
             options = settings if noise is None else replace(settings, noise=noise)
@@ -307,37 +347,6 @@ class FusedSampler:
             if callback is not None:
                 callback(k, ts[:, k], x)
         return x
-
-    def _sample_online(self, x, policy: OnlinePolicy, budget, run: "Run", progress, callback):
-        B = x.shape[0]
-        state = policy.start(self.schedule, budget, B, x.device)
-        visited = torch.full((B, budget + 1), CLEAN, dtype=torch.int64, device=x.device)
-        t = state["t0"]
-        visited[:, 0] = t
-        counts = Counters(B, budget, x.device, self.check_finite)
-        solver = self._solver
-        memory = solver.start(x)
-        settings = self._step_options()
-        start = clock(x.device)
-        for k in progress_steps(budget, progress, policy.name):
-            active = t >= 0
-            if x.device.type == "cpu" and not bool(active.any()):  # free on the CPU; a sync on a GPU
-                break
-            eps = self._evaluate(x, t.clamp(min=0), k, counts, run)
-            counts.nfe += active.long()
-            s = policy.next_timesteps(state, x, eps, t, active)  # the policy reads the model's own ε
-            if solver.history:  # steps left: 1 into the clean end, else bounded by the budget left
-                remaining = torch.where(s >= 0, budget - k, 1)
-                info = StepInfo(k, run.table, t.clamp(min=0), s, active, remaining)
-                x, eps = solver.prepare(x, eps, info, memory)
-            options = replace(settings, noise=self._randn(x.shape, run)) if self.stochastic else settings
-            x = self._update(x, eps, t, s, active, k, run, options, callback)
-            visited[:, k + 1] = torch.where(active, s, visited[:, k + 1])
-            t = s
-        wall = clock(x.device) - start
-        counts.raise_if_nonfinite(visited)
-        realised = StepPlan(visited.cpu(), self.schedule.num_timesteps, policy=policy.name)
-        return x, self._stats(counts, realised, visited, wall, run.backend)
 
     def _evaluate(self, x, t, k, counts, run: "Run") -> Tensor:
         """ε from model(x, t) on the whole batch (t ≥ 0: the caller clamps a masked sample's t to 0),
@@ -350,15 +359,6 @@ class FusedSampler:
         eps = to_eps(out.to(x.dtype), x, run.table, t, self.prediction_type).to(x.dtype)
         counts.check(k, eps)
         return eps
-
-    def _update(self, x, eps, t, s, active, k, run: "Run", options: StepOptions, callback) -> Tensor:
-        """One fused step t → s of the online loop (``options`` with this step's z, if any)."""
-        if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
-            validate_step_inputs(x, eps, run.table, t, s, active, options)
-        x = _dispatch(run.backend, x, eps, run.table, t, s, active, options)
-        if callback is not None:
-            callback(k, t, x)
-        return x
 
     # ------------------------------------------------------------------ helpers
     def _geometry(self, noise_or_batch, sample_shape, device,
