@@ -18,8 +18,8 @@ OUT=${1:-study-2k}
 STAGE=${2:-1}
 PY=${PY:-python}
 COMMON=(--num-samples 2000 --ref-samples 5000 --bootstrap 50 --batch-size 100 --threads 2 --clip 0)
-CELLS=dpmpp_2m:logsnr-10,unipc:logsnr-10,dpmpp_2m:logsnr-25,unipc:logsnr-25
-CELLS=$CELLS,dpmpp_2m:cosine-10,unipc:quadratic-10,dpmpp_2m:optimized-10,unipc:optimized-10
+CELLS=dpmpp_2m:logsnr-10,unipc:logsnr-10,dpmpp_2m:optimized-10,unipc:optimized-10,dpmpp_2m:cosine-10
+CELLS=$CELLS,unipc:quadratic-10,dpmpp_2m:logsnr-25,unipc:logsnr-25
 for solver in dpmpp_2m unipc; do  # the searched timesteps, cached for the optimized-10 cells
   $PY -m stepdrop.cli optimize --budget 10 --solver "$solver" --clip 0 --threads 2 --out "$OUT-optimized/$solver-10"
 done
