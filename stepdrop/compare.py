@@ -383,10 +383,11 @@ def _check_runnable(model: torch.nn.Module, schedule: NoiseSchedule, config: Com
     for spec in specs:
         if spec.budget > T:
             raise ValueError(f"cell {spec.label!r}: budget must be <= T = {T} (the model's timesteps), got {spec.budget}")
-        if getattr(get_policy(spec.policy), "needs_deterministic_solver", False) and get_solver(spec.solver).stochastic:
+        policy = get_policy(spec.policy)
+        if getattr(policy, "needs_deterministic_solver", False) and get_solver(spec.solver).stochastic:
             raise ValueError(f"cell {spec.label!r}: policy {spec.policy!r} matches a deterministic trajectory, but solver "
                              f"{spec.solver!r} draws fresh noise at every step; pair it with a deterministic solver")
-        if config.cuda_graph and isinstance(get_policy(spec.policy), OnlinePolicy):
+        if config.cuda_graph and isinstance(policy, OnlinePolicy):
             raise ValueError(f"cell {spec.label!r}: cuda_graph=True cannot run policy {spec.policy!r}, which picks "
                              f"its steps online from the model output; drop the cell or use cuda_graph=False")
 
