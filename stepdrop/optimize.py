@@ -132,14 +132,14 @@ class Optimized(StepPolicy):
         """Run the search (no cache); returns the record a cache file holds."""
         from stepdrop.sampler import FusedSampler  # the sampler imports the policies
 
-        def runner(solver: str) -> FusedSampler:
-            return FusedSampler(sampler.model, schedule, solver=solver, eta=sampler.eta if solver == sampler.solver else 0.0,
-                                clip=sampler.clip, backend=sampler.backend, prediction_type=sampler.prediction_type)
+        def runner(solver) -> FusedSampler:  # a name, or the sampler's own Solver object (its η built in)
+            return FusedSampler(sampler.model, schedule, solver=solver, clip=sampler.clip, backend=sampler.backend,
+                                prediction_type=sampler.prediction_type)
 
         device, _ = model_device_dtype(sampler.model)
         started = time.perf_counter()
         spent = {"calls": 0, "samples": 0}
-        target, reference = runner(sampler.solver), runner(self.reference_solver)
+        target, reference = runner(sampler._solver), runner(self.reference_solver)
 
         def run(who: FusedSampler, x_T: Tensor, plan) -> Tensor:
             kwargs = {} if isinstance(plan, list) else {"budget": min(self.reference_steps, schedule.num_timesteps)}

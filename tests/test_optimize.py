@@ -156,6 +156,18 @@ def test_a_plain_function_model_is_searched_but_not_cached(tmp_path):
     assert plan.info["cache_file"] is None and plan.overhead_calls > 0 and not list(tmp_path.iterdir())
 
 
+def test_a_solver_object_from_outside_the_registry(tmp_path):
+    """The search runs the sampler's own solver object, not one looked up by name: the
+    unregistered AdamsBashforth2 restates DPM-Solver++(2M), so it finds the same timesteps."""
+    from test_multistep import AdamsBashforth2
+
+    model = SmoothModel()
+    plans = [small(tmp_path / str(i), max_evals=6).plan(SCHEDULE, 4, model=model,
+                                                         sampler=FusedSampler(model, SCHEDULE, solver=solver))
+             for i, solver in enumerate([AdamsBashforth2(), "dpmpp_2m"])]
+    assert plans[0].timesteps.tolist() == plans[1].timesteps.tolist()
+
+
 def test_one_call_needs_no_search(tmp_path):
     model = Counting()
     plan = small(tmp_path).plan(SCHEDULE, 1, model=model, sampler=FusedSampler(model, SCHEDULE))
