@@ -20,7 +20,7 @@ FORMAT = "stepdrop-compare-cell"
 
 
 def safe_name(label: str) -> str:
-    return label.replace(":", "_").replace("@", "_n")
+    return label.replace(":", "_").replace("@", "_n").replace("(", "_").replace(")", "").replace(",", "_")
 
 
 def load(path: Path) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ cell records its counted NFE (per sample), pilot calls, the wall time of the sam
 (plan construction with any pilot run, and the loop; device synchronised, no I/O), images/s
 (from the median batch), peak GPU memory, the realised timesteps, then FID with a bootstrap
 interval, KID, precision/recall against a cached reference feature set, and the in-domain
-classifier score (Fashion-MNIST). GFLOPs per sample = GFLOPs per call × counted NFE.
+classifier score (Fashion-MNIST). GFLOPs per sample = Σ over call variants (full, reduced
+resolution, shallow: :mod:`stepdrop.variants`) of GFLOPs per call × counted calls.
 
 Resumable: each finished cell is stored atomically in ``<out>/cells/<label>.pt`` and never
 recomputed for the same settings — the same model weights (a content hash, wherever the file
@@ -43,7 +44,8 @@ from stepdrop import plots, tables
 from stepdrop.cells import load as _load, load_matching as _load_matching, safe_name as _safe, save as _save
 from stepdrop.checkpoint import model_fingerprint
 from stepdrop._validation import check_choice, check_int, model_device_dtype
-from stepdrop.cost import PeakMemory, gflops_per_call
+from stepdrop.compiled import COMPILE_MODES, compile_model
+from stepdrop.cost import PeakMemory, gflops_per_call, gflops_per_variant
 from stepdrop.solvers import SOLVERS, get_solver
 from stepdrop.policies import POLICIES, OnlinePolicy, get_policy
 from stepdrop.runs import RunSpec, parse_spec
@@ -69,6 +71,7 @@ class CompareConfig:
     clip: float | None = 1.0
     backend: str = "auto"
     cuda_graph: bool = False
+    compile: str = "none"
     dataset: str = "fashion-mnist"
     ref_split: str = "test"
     ref_samples: int = 10000
@@ -90,6 +93,7 @@ class CompareConfig:
             check_choice("policies", p, tuple(POLICIES))
         for s in self.solvers:
             check_choice("solvers", s, SOLVERS)
+        check_choice("compile", self.compile, COMPILE_MODES)
         for b in self.budgets:
             check_int("budgets", b, low=1)
         for r in self.cells + self.references:
@@ -135,7 +139,7 @@ def cell_specs(config: CompareConfig) -> list[RunSpec]:
     specs = grid + [parse_spec(c) for c in config.cells] + [parse_spec(r) for r in config.references]
     seen: dict[tuple, str] = {}
     for spec in specs:  # "ddim-25" and "ddim:uniform-25" are one run
-        run = (spec.solver, spec.policy, spec.budget, spec.num_samples)
+        run = (spec.solver, spec.policy, spec.budget, spec.calls, spec.num_samples)
         if run in seen:
             raise ValueError(f"the grid names a cell twice: {seen[run]!r} and {spec.label!r}")
         seen[run] = spec.label
@@ -157,21 +161,22 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
 
     T = schedule.num_timesteps
     shape = tuple(model.sample_shape)
+    start_shape = spec.call_plan.start_shape(shape)  # x_T's size: smaller under mixres
     state = _load_matching(partial_path, key, log)
     if state is None:
         state = dict(key=key, images=torch.empty(0, *shape, dtype=torch.uint8), nfe=torch.empty(0, dtype=torch.int64),
                      model_calls=0, evaluated_samples=0, overhead_calls=0, overhead_samples=0, wall=0.0, batch_seconds=[],
                      histogram=torch.zeros(T, dtype=torch.int64), timesteps=[], peak_mb=None)
     sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend,
-                           cuda_graph=config.cuda_graph)
+                           cuda_graph=config.cuda_graph, calls=spec.calls)
     policy = get_policy(spec.policy)
     # warm-up at the timed batch size (allocator, thread pools), untimed; a CUDA graph is
     # captured here for the cell's own plan length, so no capture falls in a timed batch
-    warm = torch.randn(min(config.batch_size, n), *shape, device=device)
+    warm = torch.randn(min(config.batch_size, n), *start_shape, device=device)
     if config.cuda_graph:
         sampler.sample(warm, policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
     else:
-        sampler.sample(warm, "uniform", budget=1)
+        sampler.sample(warm, "uniform", budget=1 if spec.call_plan.mixres is None else 2)
     batches = range(math.ceil(n / config.batch_size))
     bar = None
     if progress:
@@ -184,7 +189,7 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
             continue
         size = min(config.batch_size, n - lo)
         noise_gen, step_gen = _batch_generators(config.seed, i)
-        x_T = torch.randn((size, *shape), generator=noise_gen).to(device)
+        x_T = torch.randn((size, *start_shape), generator=noise_gen).to(device)
         with PeakMemory(device) as peak:
             start = _clock(device)
             images, stats = sampler.sample(x_T, policy, budget=spec.budget, generator=step_gen)
@@ -197,6 +202,12 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
         for name in ("model_calls", "evaluated_samples", "overhead_calls", "overhead_samples"):
             state[name] += getattr(stats, name)
         state["wall"] += elapsed
+        calls = state.setdefault("calls_by_variant", {})  # summed over samples
+        for label, count in stats.calls_by_variant().items():
+            calls[label] = calls.get(label, 0) + int(count.sum())
+        evaluated = state.setdefault("evaluated_by_variant", {})  # masked samples included
+        for label in stats.variants[: stats.model_calls]:
+            evaluated[label] = evaluated.get(label, 0) + size
         state.setdefault("batch_seconds", []).append((size, elapsed))
         state["histogram"] += torch.bincount(visited[visited >= 0], minlength=T)
         if len(state["timesteps"]) < 8:  # the first row of each batch: per-batch random plans differ there
@@ -213,14 +224,21 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
 
 
 def _film(model, schedule, spec: RunSpec, config: CompareConfig, device: torch.device) -> list[tuple[int, Tensor]]:
-    """The state x after every step for the first ``film_samples`` samples of batch 0."""
+    """The state x after every step for the first ``film_samples`` samples of batch 0 (a state at
+    a reduced resolution is shown enlarged to the full size, nearest-neighbour)."""
     noise_gen, step_gen = _batch_generators(config.seed, 0)
     shape = tuple(model.sample_shape)
-    x_T = torch.randn((config.batch_size, *shape), generator=noise_gen)[: config.film_samples].to(device)
+    start = spec.call_plan.start_shape(shape)
+    x_T = torch.randn((config.batch_size, *start), generator=noise_gen)[: config.film_samples].to(device)
     states: list[Tensor] = []
-    sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend)
-    _, stats = sampler.sample(x_T, get_policy(spec.policy), budget=spec.budget, generator=step_gen,
-                              callback=lambda k, t, x: states.append(x.detach().float().cpu().clone()))
+    sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend,
+                           calls=spec.calls)
+
+    def keep(k, t, x):
+        x = x.detach().float().cpu()
+        states.append(torch.nn.functional.interpolate(x, size=shape[1:]) if x.shape[1:] != shape else x.clone())
+
+    _, stats = sampler.sample(x_T, get_policy(spec.policy), budget=spec.budget, generator=step_gen, callback=keep)
     after = stats.timesteps[0, 1:].tolist()  # the timestep each frame has reached (−1: clean)
     return [(int(t), x) for t, x in zip(after, states)]
 
@@ -254,18 +272,25 @@ def _evaluate(images: Tensor, reference: Tensor, config: CompareConfig, extracto
     return out
 
 
-def _cell_row(spec: RunSpec, n: int, state: dict[str, Any], gflops: float, config: CompareConfig,
+def _cell_row(spec: RunSpec, n: int, state: dict[str, Any], gflops: dict[str, float], config: CompareConfig,
               sampler_eta: float) -> dict[str, Any]:
+    """The report row of a cell; ``gflops``: GFLOPs per call of each call variant, by label."""
     nfe = state["nfe"].double()
     overhead_per_sample = state["overhead_samples"] / n
+    full = gflops["full"]
+    # cells stored before call variants were counted made full calls only
+    calls = state.get("calls_by_variant") or {"full": int(state["nfe"].sum())}
+    evaluated = state.get("evaluated_by_variant") or {"full": state["evaluated_samples"]}
     return dict(
         label=spec.label, solver=spec.solver, policy=spec.policy, budget=spec.budget, eta=sampler_eta,
+        calls=spec.calls, calls_by_variant={label: count / n for label, count in calls.items()},
         reference=spec.label in config.references, num_samples=n, seed=config.seed, batch_size=config.batch_size,
         nfe_mean=float(nfe.mean()), nfe_min=int(state["nfe"].min()), nfe_max=int(state["nfe"].max()),
         overhead_calls=int(state["overhead_calls"]), overhead_samples=int(state["overhead_samples"]),
         model_calls=int(state["model_calls"]),
-        gflops_per_sample=gflops * (float(nfe.mean()) + overhead_per_sample),
-        evaluated_gflops_per_sample=gflops * (state["evaluated_samples"] + state["overhead_samples"]) / n,
+        gflops_per_sample=sum(gflops[label] * count for label, count in calls.items()) / n + full * overhead_per_sample,
+        evaluated_gflops_per_sample=(sum(gflops[label] * count for label, count in evaluated.items())
+                                     + full * state["overhead_samples"]) / n,
         images_per_second=_images_per_second(n, state), wall_time_s=state["wall"],
         peak_memory_mb=state["peak_mb"], timesteps=state["timesteps"],
         per_sample_plans=state.get("per_sample_plans"), timestep_histogram=state["histogram"].tolist(),
@@ -323,11 +348,15 @@ def run_compare(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
     )
     cells_dir = out / "cells"
+    variant_gflops = {"": {"full": gflops}}  # GFLOPs per call of each variant, per call plan
     rows: list[dict[str, Any]] = []
     grids: dict[str, Tensor] = {}
     sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=model_fingerprint(model),
                       T=schedule.num_timesteps, device=meta["device"], backend=config.backend,
                       cuda_graph=config.cuda_graph)
+    if config.compile != "none":  # images/s belong to it (kept out of the key otherwise: older cells stay valid)
+        sample_key["compile"] = config.compile
+    fast = compile_model(model, config.compile)  # samples; FLOPs and the fingerprint are the model's own
     metric_key = dict(extractor=extractor, ref_split=config.ref_split, ref_samples=int(reference.shape[0]),
                       bootstrap=config.bootstrap, kid_subsets=config.kid_subsets, dataset=config.dataset,
                       reference=hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:16])
@@ -337,7 +366,7 @@ def run_compare(
         path = cells_dir / f"{_safe(spec.label)}.pt"
         done = _load_matching(path, key, log)
         if done is None:
-            state = _sample_cell(model, schedule, spec, n, config, device, cells_dir / f"{_safe(spec.label)}.partial.pt",
+            state = _sample_cell(fast, schedule, spec, n, config, device, cells_dir / f"{_safe(spec.label)}.partial.pt",
                                  key, progress, log)
             done = dict(key=key, state=state, metric_key=None, metrics=None)
             _save(done, path)
@@ -348,9 +377,13 @@ def run_compare(
             done["metric_key"] = metric_key
             _save(done, path)
         eta = 1.0 if get_solver(spec.solver).stochastic else 0.0  # the cell's η column: 1 for a noisy solver
-        row = _cell_row(spec, n, done["state"], gflops, config, eta)
+        if spec.calls not in variant_gflops:
+            variant_gflops[spec.calls] = gflops_per_variant(model, spec.call_plan)
+        row = _cell_row(spec, n, done["state"], variant_gflops[spec.calls], config, eta)
         row.update(done["metrics"])
         rows.append(row)
+        if config.compile != "none":  # the one-time cost of the first compile, apart from any cell's time
+            meta["compile"] = dict(mode=config.compile, first_compile_s=getattr(fast, "compile_seconds", None))
         if config.grid_samples:
             grids[spec.label] = done["state"]["images"][: config.grid_samples].float() / 127.5 - 1
         log(f"{spec.label:<22} NFE {row['nfe_mean']:6.2f}  FID {row['fid']:7.2f}  "
@@ -387,6 +420,13 @@ def _check_runnable(model: torch.nn.Module, schedule: NoiseSchedule, config: Com
         if getattr(policy, "needs_deterministic_solver", False) and get_solver(spec.solver).stochastic:
             raise ValueError(f"cell {spec.label!r}: policy {spec.policy!r} matches a deterministic trajectory, but solver "
                              f"{spec.solver!r} draws fresh noise at every step; pair it with a deterministic solver")
+        if not spec.call_plan.plain:  # a scale the UNet cannot take, a branch it lacks: refused now
+            try:
+                spec.call_plan.check_model(model, shape)
+                if spec.call_plan.mixres is not None:
+                    spec.call_plan.mixres.low_res_calls(spec.budget)
+            except ValueError as exc:
+                raise ValueError(f"cell {spec.label!r}: {exc}") from None
         if config.cuda_graph and isinstance(policy, OnlinePolicy):
             raise ValueError(f"cell {spec.label!r}: cuda_graph=True cannot run policy {spec.policy!r}, which picks "
                              f"its steps online from the model output; drop the cell or use cuda_graph=False")

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stepdrop._validation import check_int, model_device_dtype
 
-__all__ = ["gflops_per_call", "PeakMemory"]
+__all__ = ["gflops_per_call", "gflops_per_variant", "PeakMemory"]
 
 
 @torch.no_grad()
@@ -31,6 +31,35 @@ def gflops_per_call(model: torch.nn.Module, sample_shape: Sequence[int] | None =
     with FlopCounterMode(display=False) as counter:
         model(x, t)
     return counter.get_total_flops() / 1e9
+
+
+@torch.no_grad()
+def gflops_per_variant(model: torch.nn.Module, calls, sample_shape: Sequence[int] | None = None,
+                       timestep: int = 500) -> dict[str, float]:
+    """GFLOPs of one batch-1 call of each variant a :class:`~stepdrop.variants.CallPlan` can make,
+    by label ("full", "res0.5", "shallow", "res0.5+shallow"; docs/DESIGN.md §4c). A shallow
+    call is counted alone, after an uncounted full call has made its deep feature."""
+    shape = tuple(sample_shape) if sample_shape is not None else getattr(model, "sample_shape", None)
+    if shape is None:
+        raise ValueError("sample_shape=(C, H, W) is required: the model has no sample_shape attribute")
+    from stepdrop.variants import Variant, reduced_size
+
+    calls.check_model(model, shape)
+    device, dtype = model_device_dtype(model)
+    t = torch.full((1,), check_int("timestep", timestep, low=0), device=device, dtype=torch.int64)
+    out: dict[str, float] = {}
+    scales = (1.0,) if calls.mixres is None else (calls.mixres.scale, 1.0)
+    for variant in (Variant(scale, shallow) for scale in scales for shallow in ((False, True) if calls.cache else (False,))):
+        size = tuple(shape[1:]) if variant.scale == 1.0 else reduced_size(shape, variant.scale)
+        x = torch.randn(1, shape[0], *size, device=device, dtype=dtype)
+        feature = model.forward_cached(x, t, calls.cache.branch)[1] if variant.shallow else None
+        with FlopCounterMode(display=False) as counter:
+            if variant.shallow:
+                model.forward_cached(x, t, calls.cache.branch, feature)
+            else:
+                model(x, t)
+        out[variant.label] = counter.get_total_flops() / 1e9
+    return out
 
 
 class PeakMemory:

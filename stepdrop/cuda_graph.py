@@ -1,6 +1,7 @@
 """The CUDA-graph runner (docs/DESIGN.md §5): the sampler's plan loop, unchanged, captured once
-into a ``torch.cuda.CUDAGraph`` over static buffers (x_T, the [B, L] plan, the [K, B, …] step
-noise) and replayed; a new seed, x_T or plan of the same length is copied into the buffers.
+into a ``torch.cuda.CUDAGraph`` over static buffers (x_T, the [B, L] plan, each random draw of
+the loop: the step noise, and the mixed-resolution switch noise) and replayed; a new seed, x_T
+or plan of the same length is copied into the buffers.
 
 The functions take the :class:`~stepdrop.sampler.FusedSampler` whose loop they capture
 (``self``): its graphs are cached on it, one per run signature.
@@ -47,12 +48,14 @@ def release_default_generator(device: torch.device) -> None:
 
 @dataclass
 class PlanGraph:
-    """One captured sampling loop: its static inputs (x_T [B, C, H, W], plan [B, L] int64, step
-    noise [K, B, C, H, W] or None) and outputs (images, counters), written by every replay."""
+    """One captured sampling loop: its static inputs (x_T [B, C, H, W], plan [B, L] int64, one
+    buffer per random draw of the loop, keyed by (kind, step) as
+    :meth:`~stepdrop.sampler.FusedSampler.noise_draws` lists them) and outputs (images,
+    counters), written by every replay."""
 
     x_T: Tensor
     plan: Tensor
-    noise: Tensor | None
+    noise: dict[tuple[str, int], Tensor]
     weights: tuple[Tensor, ...]  # the model's parameters and buffers ...
     addresses: tuple[int, ...]  # ... and where they were at capture: the graph reads them there
     graph: Any = None  # torch.cuda.CUDAGraph once captured
@@ -60,8 +63,8 @@ class PlanGraph:
     counts: "Counters | None" = None
 
     @classmethod
-    def allocate(cls, x: Tensor, length: int, stochastic: bool, model) -> "PlanGraph":
-        noise = x.new_empty((length - 1, *x.shape)) if stochastic else None
+    def allocate(cls, x: Tensor, length: int, draws, model) -> "PlanGraph":
+        noise = {(kind, k): x.new_empty(shape) for kind, k, shape in draws}
         plan = torch.empty((x.shape[0], length), dtype=torch.int64, device=x.device)
         weights = tuple(itertools.chain(model.parameters(), model.buffers())) if isinstance(model, torch.nn.Module) \
             else ()
@@ -94,10 +97,11 @@ def sample_graph(sampler, x, plan: StepPlan, run: Run):
     ts = plan.expand(B)
     # shared and per-sample plans run the same masked loop: one graph serves both
     key = (run.device, tuple(x.shape), plan.length, run.state_dtype, run.model_dtype, run.backend, sampler._solver,
-           sampler.clip, sampler.check_finite)
+           sampler.clip, sampler.check_finite, sampler.calls, run.sample_shape)
     graph = sampler._graphs.get(key)
     if graph is None or graph.weights_moved():  # a new signature, or model.to(...) since the capture
-        graph = PlanGraph.allocate(x, plan.length, sampler.stochastic, sampler.model)
+        draws = sampler.noise_draws(x.shape, plan.length - 1, run.sample_shape)
+        graph = PlanGraph.allocate(x, plan.length, draws, sampler.model)
     with torch.cuda.device(run.device):  # replay launches on the current device's stream
         start = clock(run.device)
         load_inputs(sampler, graph, x, ts, run)
@@ -115,21 +119,20 @@ def sample_graph(sampler, x, plan: StepPlan, run: Run):
 
 
 def load_inputs(sampler, graph: PlanGraph, x: Tensor, ts: Tensor, run: Run) -> None:
-    """Copy x_T and the [B, L] plan into the static buffers and draw the K steps' noise into
-    its buffer, in the eager loop's order (x_T was drawn first, then step 0, 1, …), so the
-    same generator state gives the same noise as :meth:`~stepdrop.sampler.FusedSampler.sample`."""
+    """Copy x_T and the [B, L] plan into the static buffers and draw the loop's noise into its
+    buffers, in the eager loop's order (x_T was drawn first, then step 0's draws, 1's, …), so
+    the same generator state gives the same noise as :meth:`~stepdrop.sampler.FusedSampler.sample`."""
     graph.x_T.copy_(x)
     graph.plan.copy_(ts)
-    if graph.noise is not None:
-        for k in range(graph.noise.shape[0]):
-            sampler._randn(x.shape, run, out=graph.noise[k])
+    for buffer in graph.noise.values():  # dicts keep the insertion order: the loop's
+        sampler._randn(buffer.shape, run, out=buffer)
 
 
 def graph_body(sampler, graph: PlanGraph, run: Run, ks: Iterable[int]) -> tuple[Tensor, Counters]:
     """The loop over ``graph``'s static buffers, as a capture records it: (images, counters)."""
     counts = Counters(graph.x_T.shape[0], graph.plan.shape[1] - 1, graph.x_T.device, sampler.check_finite)
-    noise_at = (lambda k: graph.noise[k]) if graph.noise is not None else (lambda k: None)
-    return sampler._run_plan(graph.x_T, graph.plan, ks, noise_at, counts, run, None), counts
+    return sampler._run_plan(graph.x_T, graph.plan, ks, lambda kind, k, shape: graph.noise[(kind, k)], counts, run,
+                             None), counts
 
 
 def capture(sampler, graph: PlanGraph, run: Run) -> float:

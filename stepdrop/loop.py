@@ -34,12 +34,13 @@ class Run:
     backend: str  # concrete fused-step backend (from resolve_backend)
     table: Tensor  # ᾱ [T], float64 on ``device``
     generator: torch.Generator | None
+    sample_shape: tuple[int, ...]  # (C, H, W) at full size (x_T may be smaller: mixed resolution)
 
     @classmethod
     def make(cls, device: torch.device, model_dtype: torch.dtype, backend: str, schedule: NoiseSchedule,
-             generator: torch.Generator | None) -> "Run":
+             generator: torch.Generator | None, sample_shape: tuple[int, ...]) -> "Run":
         return cls(device, model_dtype, state_dtype(model_dtype), resolve_backend(backend, device),
-                   schedule.table(device, torch.float64), generator)
+                   schedule.table(device, torch.float64), generator, tuple(sample_shape))
 
 
 def state_dtype(model_dtype: torch.dtype) -> torch.dtype:

@@ -1,8 +1,10 @@
 """Named sampling runs: parse "solver:policy-budget@samples" specs, run them from one seed,
 and write PNG grids plus JSON/CSV results (what ``stepdrop sample`` and ``make demo`` do).
 
-Spec grammar: ``[solver:]policy-budget[@num_samples]``, e.g. ``ddim-25``, ``stepdrop-25``,
-``ddpm:uniform-100``, ``ddpm-1000@4``, ``dpmpp_2m:logsnr-10``. A solver name alone
+Spec grammar: ``[solver:]policy-budget[+variant…][@num_samples]``, e.g. ``ddim-25``,
+``stepdrop-25``, ``ddpm:uniform-100``, ``ddpm-1000@4``, ``dpmpp_2m:logsnr-10``,
+``ddim:quadratic-25+mixres(0.5,0.3)+cache(5)`` (how the calls are made:
+:func:`stepdrop.variants.parse_calls`). A solver name alone
 (``ddim-K``, ``ddpm-K``, ``dpmpp_2m-K``) means the uniform policy with that solver; any other
 policy runs with DDIM (η = 0) unless a solver is given. Every spec starts from the same
 initial noise (the first samples of one seeded draw).
@@ -29,11 +31,12 @@ from stepdrop.solvers import SOLVERS
 from stepdrop.policies import POLICIES, get_policy
 from stepdrop.sampler import FusedSampler
 from stepdrop.schedule import NoiseSchedule
+from stepdrop.variants import CallPlan, parse_calls
 
 __all__ = ["RunSpec", "parse_spec", "run_specs", "save_grid", "write_results"]
 
 _SPEC = re.compile(r"^(?:(?P<solver>[a-z][a-z0-9_]*):)?(?P<policy>[a-z][a-z0-9_]*)-(?P<budget>\d+)"
-                   r"(?:@(?P<samples>\d+))?$")
+                   r"(?P<calls>(?:\+[a-z]+\([^()]*\))*)(?:@(?P<samples>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class RunSpec:
     policy: str
     budget: int
     num_samples: int | None = None
+    calls: str = ""  # the call plan's spec suffix, e.g. "+mixres(0.5,0.3)" ("": full calls)
 
     def __post_init__(self) -> None:
         check_choice("solver", self.solver, SOLVERS)
@@ -52,20 +56,26 @@ class RunSpec:
         check_int("budget", self.budget, low=1)
         if self.num_samples is not None:
             check_int("num_samples", self.num_samples, low=1)
+        parse_calls(self.calls)
 
     @classmethod
-    def of(cls, solver: str, policy: str, budget: int, num_samples: int | None = None) -> "RunSpec":
-        """The spec with its canonical label ``solver:policy-budget[@num_samples]``."""
-        label = f"{solver}:{policy}-{budget}" + ("" if num_samples is None else f"@{num_samples}")
-        return cls(label, solver, policy, budget, num_samples)
+    def of(cls, solver: str, policy: str, budget: int, num_samples: int | None = None, calls: str = "") -> "RunSpec":
+        """The spec with its canonical label ``solver:policy-budget[+variants][@num_samples]``."""
+        calls = parse_calls(calls).text
+        label = f"{solver}:{policy}-{budget}{calls}" + ("" if num_samples is None else f"@{num_samples}")
+        return cls(label, solver, policy, budget, num_samples, calls)
+
+    @property
+    def call_plan(self) -> CallPlan:
+        return parse_calls(self.calls)
 
 
 def parse_spec(text: str) -> RunSpec:
     """Parse ``[solver:]policy-budget[@num_samples]`` (module docstring)."""
     m = _SPEC.match(text.strip())
     if m is None:
-        raise ValueError(f"policy spec {text!r} must look like [solver:]policy-budget[@num_samples], e.g. ddim-25, "
-                         f"stepdrop-25, ddpm-1000@4")
+        raise ValueError(f"policy spec {text!r} must look like [solver:]policy-budget[+variant...][@num_samples], e.g. "
+                         f"ddim-25, stepdrop-25, ddpm-1000@4, ddim:quadratic-25+mixres(0.5,0.3)+cache(5)")
     solver, policy = m["solver"], m["policy"]
     if solver is None and policy in SOLVERS:
         solver, policy = policy, "uniform"
@@ -76,7 +86,7 @@ def parse_spec(text: str) -> RunSpec:
         raise ValueError(f"policy in {text!r} must be one of {tuple(POLICIES)} (or a solver: "
                          f"{', '.join(SOLVERS)}), got {policy!r}")
     samples = None if m["samples"] is None else check_int("num_samples", int(m["samples"]), low=1)
-    return RunSpec(text.strip(), solver, policy, int(m["budget"]), samples)
+    return RunSpec(text.strip(), solver, policy, int(m["budget"]), samples, parse_calls(m["calls"]).text)
 
 
 def run_specs(
@@ -103,14 +113,20 @@ def run_specs(
     largest = max([num_samples] + [s.num_samples or 0 for s in specs])
     shape = tuple(model.sample_shape)
     noise = torch.randn((largest, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    low_res: dict[tuple[int, ...], Tensor] = {}  # x_T at a reduced size (mixres), from the same seed
     FusedSampler(model, schedule, backend=backend).sample(noise[:1], "uniform", budget=1)  # warm-up
     results = []
     for spec in specs:
         n = spec.num_samples or num_samples
-        sampler = FusedSampler(model, schedule, solver=spec.solver, clip=clip, backend=backend, cuda_graph=cuda_graph)
+        sampler = FusedSampler(model, schedule, solver=spec.solver, clip=clip, backend=backend, cuda_graph=cuda_graph,
+                               calls=spec.calls)
         generator = torch.Generator().manual_seed(seed)
         policy = get_policy(spec.policy)
-        images, stats = sampler.sample(noise[:n], policy, budget=spec.budget, generator=generator,
+        start = spec.call_plan.start_shape(shape)
+        if start != shape and start not in low_res:
+            low_res[start] = torch.randn((largest, *start), generator=torch.Generator().manual_seed(seed)).to(device)
+        x_T = noise if start == shape else low_res[start]
+        images, stats = sampler.sample(x_T[:n], policy, budget=spec.budget, generator=generator,
                                        progress=progress and not cuda_graph)
         row = stats.to_dict()
         row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, clip=clip, nfe=stats.nfe.tolist(),

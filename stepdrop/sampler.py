@@ -35,13 +35,14 @@ from stepdrop.ops import (
     _dispatch_plan_step,
     validate_plan_step_inputs,
 )
-from stepdrop.ops.reference import CLEAN
+from stepdrop.ops.reference import CLEAN, predict_x0
 from stepdrop.ops.step_args import PlanOutputs, StepOptions
 from stepdrop.plan import StepPlan
 from stepdrop.prediction import EpsilonView, resolve_prediction_type, to_eps
 from stepdrop.policies import OnlinePolicy, StepPolicy, check_budget, get_policy
 from stepdrop.schedule import NoiseSchedule
 from stepdrop.solvers import Solver, StepInfo, get_solver
+from stepdrop.variants import CallPlan, ModelCalls, parse_calls, reduced_size, upsample_and_renoise
 
 __all__ = ["CudaGraphError", "FusedSampler", "NonFiniteOutputError", "SampleStats"]
 
@@ -73,6 +74,17 @@ class SampleStats:
     eta: float
     backend: str
     info: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[str, ...] = ()  # how each plan column's call ran (stepdrop.variants.Variant.label)
+
+    def calls_by_variant(self) -> dict[str, Tensor]:
+        """Model calls per sample of each variant (int64 [B] per label), read from the visited
+        timesteps: column k of an active row is one call of column k's variant."""
+        labels = self.variants or ("full",) * (self.timesteps.shape[1] - 1)
+        active = self.timesteps[:, : len(labels)] >= 0
+        out: dict[str, Tensor] = {}
+        for k, label in enumerate(labels):
+            out[label] = out.get(label, torch.zeros(active.shape[0], dtype=torch.int64)) + active[:, k]
+        return out
 
     @property
     def mean_nfe(self) -> float:
@@ -97,6 +109,7 @@ class SampleStats:
             "evaluated_samples": self.evaluated_samples,
             "overhead_calls": self.overhead_calls,
             "overhead_samples": self.overhead_samples,
+            "calls_by_variant": {k: float(v.double().mean()) for k, v in self.calls_by_variant().items()},
             "wall_time_s": self.wall_time_s,
             "images_per_second": self.images_per_second,
             "info": self.info,
@@ -168,6 +181,16 @@ class FusedSampler:
             (its realised length is data-dependent), ``callback`` or ``progress`` (no Python runs
             between replayed steps); :class:`CudaGraphError` when the model cannot be captured
             (it synchronises with the host: ``.item()``, ``.cpu()``, a Python ``if`` on a tensor).
+        calls: how each model call is made (:mod:`stepdrop.variants`, docs/DESIGN.md §4c): a
+            :class:`~stepdrop.variants.CallPlan` or its spec suffix, e.g. ``"+mixres(0.5,0.3)"``
+            (the first 30 % of the calls at half size, then x̂0 upsampled and re-noised),
+            ``"+cache(5)"`` (the whole network every 5th call, the shallow path with the cached
+            deep feature in between) or both; None: every call is the full model. With mixed
+            resolution, noise given as ``noise_or_batch`` is x_T at the reduced size.
+        compile: how the model runs, one of :data:`stepdrop.compiled.COMPILE_MODES`: "none" (as
+            given), "channels_last" (a channels-last copy on the CPU) or "inductor"
+            (``torch.compile`` of it; the one-time compile cost is reported apart, in
+            ``stats.info["compile_s"]`` of the first run). The user's model is never modified.
 
     Attributes:
         graph_captures: number of CUDA graphs this sampler has captured (0 without ``cuda_graph``).
@@ -190,12 +213,23 @@ class FusedSampler:
         check_finite: bool = True,
         prediction_type: str | None = None,
         cuda_graph: bool = False,
+        calls: CallPlan | str | None = None,
+        compile: str = "none",
     ):
+        from stepdrop.compiled import compile_model
         from stepdrop.models.adapters import as_eps_model
 
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a stepdrop.NoiseSchedule, got {type(schedule).__name__}")
-        self.model = as_eps_model(model)
+        self.model = compile_model(as_eps_model(model), compile)
+        self.compile = compile
+        if calls is None or isinstance(calls, CallPlan):
+            self.calls = calls or CallPlan()
+        elif isinstance(calls, str):
+            self.calls = parse_calls(calls)
+        else:
+            raise TypeError(f"calls must be a stepdrop.variants.CallPlan, a spec such as '+mixres(0.5,0.3)' or None, "
+                            f"got {type(calls).__name__}")
         self.prediction_type = resolve_prediction_type(self.model, prediction_type)
         self.schedule = schedule
         self._solver: Solver = get_solver(solver, eta)
@@ -265,9 +299,14 @@ class FusedSampler:
         # the model's device and dtype, read once per call (never per step)
         model_device, model_dtype = model_device_dtype(self.model, default_device=None)
         batch, shape, dev = self._geometry(noise_or_batch, sample_shape, device, model_device)
+        start_shape = shape
+        if self.calls.mixres is not None:  # the plan runs at full size; x_T is drawn at the reduced one
+            shape, start_shape = self._mixres_shapes(noise_or_batch, shape, sample_shape)
+        if not self.calls.plain:
+            self.calls.check_model(self.model, shape)
         if self.cuda_graph:
             dev = check_graphable(dev, progress, callback)
-        run = Run.make(dev, model_dtype, self.backend, self.schedule, generator)
+        run = Run.make(dev, model_dtype, self.backend, self.schedule, generator, shape)
         # the plan is drawn before the noise, so a per-sample plan does not depend on the batch size
         plan_obj = self._resolve_plan(plan, budget, batch, shape, generator)
         if self.cuda_graph and isinstance(plan_obj, OnlinePolicy):
@@ -279,7 +318,7 @@ class FusedSampler:
         if isinstance(noise_or_batch, Tensor):
             x = noise_or_batch.to(run.state_dtype)
         else:
-            x = self._randn((batch, *shape), run)
+            x = self._randn((batch, *start_shape), run)
         if isinstance(plan_obj, OnlinePolicy):
             return self._sample_online(x, plan_obj, budget, run, progress, callback)
         if self.cuda_graph:
@@ -303,16 +342,32 @@ class FusedSampler:
 
     def _sample(self, x, ts, steps, plan: StepPlan | None, run: "Run", callback, hook=None, policy: str = ""):
         counts = Counters(x.shape[0], ts.shape[1] - 1, x.device, self.check_finite)
-        noise_at = (lambda k: self._randn(x.shape, run)) if self.stochastic else (lambda k: None)
         start = clock(x.device)
-        x = self._run_plan(x, ts, steps, noise_at, counts, run, callback, hook)
+        x = self._run_plan(x, ts, steps, lambda kind, k, shape: self._randn(shape, run), counts, run, callback, hook)
         wall = clock(x.device) - start
         counts.raise_if_nonfinite(ts)
         if plan is None:  # an online run: its plan is the one it wrote
             plan = StepPlan(ts.cpu(), self.schedule.num_timesteps, policy=policy)
         return x, self._stats(counts, plan, ts, wall, run.backend)
 
-    def _run_plan(self, x, ts, steps: Iterable[int], noise_at: Callable[[int], Tensor | None],
+    def noise_draws(self, x_shape: Sequence[int], columns: int,
+                    sample_shape: Sequence[int]) -> list[tuple[str, int, tuple[int, ...]]]:
+        """The random draws of a loop over ``columns`` plan columns from x_T of ``x_shape``, in the
+        order the loop makes them: ("step", k, shape) for a stochastic solver's noise at step k,
+        ("switch", k, shape) for the mixed-resolution re-noising after step k. The CUDA-graph
+        runner fills its buffers in this order, so a replay sees the eager loop's noise."""
+        calls = ModelCalls(self.model, self.calls, columns, sample_shape)
+        shape = tuple(x_shape)
+        draws = []
+        for k in range(columns):
+            if self.stochastic:
+                draws.append(("step", k, shape))
+            if calls.switches_after(k):
+                shape = shape[:2] + calls.size_at(k + 1)
+                draws.append(("switch", k, shape))
+        return draws
+
+    def _run_plan(self, x, ts, steps: Iterable[int], draw: Callable[[str, int, tuple[int, ...]], Tensor],
                   counts: "Counters", run: "Run", callback, hook: "OnlineSteps | None" = None) -> Tensor:
         """The one sampling loop: eager plans, online policies and the CUDA-graph capture, over a
         [B, L] plan ``ts``.
@@ -323,36 +378,52 @@ class FusedSampler:
         :func:`stepdrop.ops.fused_plan_step`, which in a single launch updates ts[:, k] → ts[:, k+1]
         (samples whose row has ended, ts[b, k] = CLEAN, are masked, not branched on) and does the
         bookkeeping: nfe += active, and the next step's t and active, written in place. Sync-free
-        without a hook: the plan is read on the device and k reaches the kernel as an argument."""
+        without a hook: the plan is read on the device and k reaches the kernel as an argument.
+
+        Each call runs column k's variant (:class:`~stepdrop.variants.ModelCalls`); where the
+        resolution changes after step k, x̂0 of step k is upsampled and re-noised to the next
+        timestep with a fresh draw, and a multistep solver starts its history again.
+        ``draw(kind, k, shape)`` gives the step noise ("step") and the switch noise ("switch")."""
         t = ts[:, 0].clamp(min=0)  # the model's timesteps and the active mask, rewritten by each step
         active = ts[:, 0] >= 0
         solver = self._solver
         memory = solver.start(x)
+        calls = ModelCalls(self.model, self.calls, ts.shape[1] - 1, run.sample_shape)
         settings, outputs = self._step_options(), PlanOutputs(counts.nfe, t, active)  # fixed for the run
+        check_at = 0
         for k in steps:
             if hook is not None and x.device.type == "cpu" and not bool(active.any()):
                 break  # every online row has ended: free to see on the CPU, a sync on a GPU
-            eps = self._evaluate(x, t, k, counts, run)
+            eps = self._evaluate(calls, x, t, k, counts, run)
             remaining = None if hook is None else hook(k, x, eps, ts)
             if solver.history:  # steps left per sample, this one included: the multistep order's cap
                 if remaining is None:
                     remaining = (ts[:, k:] >= 0).sum(1)
                 info = StepInfo(k, run.table, t, ts[:, k + 1], active, remaining)
                 x, eps = solver.prepare(x, eps, info, memory)
-            noise = noise_at(k)
-            options = settings if noise is None else replace(settings, noise=noise)
-            if k == 0:  # the loop's tensors keep their shapes, dtypes and devices: check them once
+            options = replace(settings, noise=draw("step", k, tuple(x.shape))) if self.stochastic else settings
+            if k == check_at:  # the tensors keep their shapes, dtypes and devices until a switch: check once
                 validate_plan_step_inputs(x, eps, run.table, ts, k, options, outputs)
+            switch = calls.switches_after(k)
+            if switch:  # x̂0 of this step, before the step rewrites t and active in place
+                x0 = torch.where(active.view(-1, *([1] * (x.ndim - 1))),
+                                 predict_x0(x, eps, run.table, t, self.clip), x)
             x = _dispatch_plan_step(run.backend, x, eps, run.table, ts, k, options, outputs)
+            if switch:
+                size = calls.size_at(k + 1)
+                noise = draw("switch", k, tuple(x.shape[:2]) + size)
+                x = upsample_and_renoise(x0, size, ts[:, k + 1], run.table, noise).to(x.dtype)
+                memory, check_at = solver.start(x), k + 1
             if callback is not None:
                 callback(k, ts[:, k], x)
         return x
 
-    def _evaluate(self, x, t, k, counts, run: "Run") -> Tensor:
+    def _evaluate(self, calls: ModelCalls, x, t, k, counts, run: "Run") -> Tensor:
         """ε from model(x, t) on the whole batch (t ≥ 0: the caller clamps a masked sample's t to 0),
-        checked for shape, and recorded on the device for the non-finite check. The output is
-        turned into ε against the full-precision x (:func:`stepdrop.prediction.to_eps`)."""
-        out = self.model(x.to(run.model_dtype), t)
+        as column k's variant, checked for shape, and recorded on the device for the non-finite
+        check. The output is turned into ε against the full-precision x
+        (:func:`stepdrop.prediction.to_eps`)."""
+        out = calls(k, x.to(run.model_dtype), t)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"model output must have the shape of x {tuple(x.shape)}, got {got} (step {k})")
@@ -385,6 +456,21 @@ class FusedSampler:
         if device is not None:
             return batch, shape, torch.device(device)
         return batch, shape, model_device if model_device is not None else torch.device("cpu")
+
+    def _mixres_shapes(self, noise_or_batch, shape, sample_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(full sample shape, x_T's reduced shape) of a mixed-resolution run; ValueError if the
+        full size is unknown or given noise is not at the reduced size."""
+        full = sample_shape if sample_shape is not None else getattr(self.model, "sample_shape", None)
+        if full is None:
+            raise ValueError("calls with mixres need the full sample_shape=(C, H, W): the model has no sample_shape")
+        full = tuple(check_int("sample_shape", d, low=1) for d in full)
+        if len(full) != 3:
+            raise ValueError(f"calls with mixres need a sample_shape (C, H, W), got {full}")
+        start = (full[0], *reduced_size(full, self.calls.mixres.scale))
+        if isinstance(noise_or_batch, Tensor) and tuple(shape) != start:
+            raise ValueError(f"noise_or_batch must be x_T at the reduced size of {self.calls.mixres.text}, "
+                             f"[B, {', '.join(map(str, start))}], got {tuple(noise_or_batch.shape)}")
+        return full, start
 
     @staticmethod
     def _randn(shape, run: "Run", out: Tensor | None = None) -> Tensor:
@@ -445,4 +531,5 @@ class FusedSampler:
             eta=self.eta,
             backend=backend,
             info=dict(plan.info),
+            variants=tuple(v.label for v in self.calls.variants(ts.shape[1] - 1)),
         )

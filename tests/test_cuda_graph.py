@@ -80,9 +80,9 @@ def test_online_policy_rules_out_a_graph(monkeypatch):
 
 
 # ====================================================================== the captured body, on the CPU
-def _body(s: FusedSampler, graph: PlanGraph, x_T, plan: StepPlan, generator):
+def _body(s: FusedSampler, graph: PlanGraph, x_T, plan: StepPlan, generator, sample_shape=SHAPE):
     """Load new inputs into ``graph``'s buffers and run the loop a capture records over them."""
-    run = Run.make(x_T.device, torch.float32, s.backend, s.schedule, generator)
+    run = Run.make(x_T.device, torch.float32, s.backend, s.schedule, generator, sample_shape)
     load_inputs(s, graph, x_T, plan.expand(x_T.shape[0]), run)
     return graph_body(s, graph, run, range(plan.length - 1))
 
@@ -100,23 +100,49 @@ def test_static_buffer_loop_equals_eager_loop(backend, solver, eta):
         x_T = torch.randn(3, *SHAPE, generator=gen(100 + seed))
         eager, stats = s.sample(x_T.clone(), plan, generator=gen(seed))
         if graph is None:
-            graph = PlanGraph.allocate(x_T, plan.length, s.stochastic, s.model)
+            graph = PlanGraph.allocate(x_T, plan.length, s.noise_draws(x_T.shape, plan.length - 1, SHAPE), s.model)
         out, counts = _body(s, graph, x_T, plan, gen(seed))
         assert torch.equal(out, eager), (rows, seed)
         assert torch.equal(counts.nfe, stats.nfe)
         assert counts.calls == stats.model_calls == plan.length - 1
 
 
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "unipc"])
+@pytest.mark.parametrize("calls", ["+mixres(0.5,0.5)", "+cache(2,0)", "+mixres(0.5,0.4)+cache(2,1)"])
+def test_static_buffer_loop_equals_eager_loop_with_call_variants(solver, calls):
+    """Mixed resolution and deep-feature caching in the captured body: x_T at the reduced size,
+    one buffer per draw (the switch noise included, in the eager order), the cached feature kept
+    between calls: each run equals eager sampling bit for bit."""
+    torch.manual_seed(0)
+    model = TinyUNet(in_channels=1, image_size=16, base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1,
+                     attention_resolutions=(8,)).eval().requires_grad_(False)
+    s = FusedSampler(model, SCHEDULE, solver=solver, calls=calls)
+    full = (1, 16, 16)
+    start = s.calls.start_shape(full)
+    graph = None
+    for rows, seed in ((ROWS_A, 1), (ROWS_B, 2), (SHARED, 3)):
+        plan = StepPlan(rows, 1000)
+        x_T = torch.randn(3, *start, generator=gen(100 + seed))
+        eager, stats = s.sample(x_T.clone(), plan, generator=gen(seed))
+        if graph is None:
+            graph = PlanGraph.allocate(x_T, plan.length, s.noise_draws(x_T.shape, plan.length - 1, full), s.model)
+            assert ("switch", s.calls.mixres.low_res_calls(4) - 1) in graph.noise if s.calls.mixres else True
+        out, counts = _body(s, graph, x_T, plan, gen(seed), sample_shape=full)
+        assert torch.equal(out, eager), (rows, seed)
+        assert torch.equal(counts.nfe, stats.nfe)
+
+
 def test_noise_buffer_holds_the_eager_draws():
     """The [K, B, …] buffer filled before a replay holds, step by step, what the eager loop
     draws from the same generator state (also for a CPU generator feeding another device)."""
     s = FusedSampler(CountingModel(), SCHEDULE, solver="ddpm")
-    run = Run.make(torch.device("cpu"), torch.float32, "torch", SCHEDULE, gen(5))
-    graph = PlanGraph.allocate(torch.zeros(2, *SHAPE), 4, True, s.model)
+    run = Run.make(torch.device("cpu"), torch.float32, "torch", SCHEDULE, gen(5), SHAPE)
+    graph = PlanGraph.allocate(torch.zeros(2, *SHAPE), 4, s.noise_draws((2, *SHAPE), 3, SHAPE), s.model)
     load_inputs(s, graph, torch.zeros(2, *SHAPE), torch.tensor([[999, 500, 100, -1]] * 2), run)
     g = gen(5)
+    assert list(graph.noise) == [("step", 0), ("step", 1), ("step", 2)]
     for k in range(3):
-        assert torch.equal(graph.noise[k], torch.randn(2, *SHAPE, generator=g)), k
+        assert torch.equal(graph.noise[("step", k)], torch.randn(2, *SHAPE, generator=g)), k
 
 
 # ====================================================================== capture and replay (GPU)
@@ -155,6 +181,17 @@ def test_graph_replay_is_bit_identical_to_eager(model_fn, solver, eta):
     # a CPU generator feeds the same graph (its draws are copied into the noise buffer)
     _assert_same_run(eager.sample(4, "uniform", budget=10, generator=gen(7)),
                      graphed.sample(4, "uniform", budget=10, generator=gen(7)))
+    assert graphed.graph_captures == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "unipc"])
+@pytest.mark.parametrize("calls", ["+mixres(0.5,0.4)", "+cache(3,0)", "+mixres(0.5,0.4)+cache(2,1)"])
+def test_graph_replay_with_call_variants_is_bit_identical_to_eager(solver, calls):
+    eager, graphed = _pair(_unet(), solver=solver, calls=calls)
+    for seed in (0, 1):
+        _assert_same_run(eager.sample(4, "uniform", budget=10, generator=_cuda_gen(seed)),
+                         graphed.sample(4, "uniform", budget=10, generator=_cuda_gen(seed)))
     assert graphed.graph_captures == 1
 
 
@@ -253,11 +290,11 @@ def test_a_model_that_syncs_cannot_be_captured():
 def test_moved_weights_are_noticed():
     """A graph reads the weights at their capture-time addresses: new memory means a new capture."""
     model = CountingModel()
-    graph = PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, False, model)
+    graph = PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, [], model)
     with torch.no_grad():
         model.w.mul_(2.0)  # in place (load_state_dict): the replay sees it
     assert not graph.weights_moved()
     old = model.w.data
     model.w.data = old.clone()  # what model.to(...) does
     assert graph.weights_moved()
-    assert not PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, False, lambda x, t: x).weights_moved()
+    assert not PlanGraph.allocate(torch.zeros(1, *SHAPE), 3, [], lambda x, t: x).weights_moved()

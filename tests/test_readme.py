@@ -26,6 +26,18 @@ def test_readme_usage_example_runs_as_written(tmp_path):
     assert len(nfe) == 8 and all(n >= 1 for n in nfe)
 
 
+def test_readme_cheaper_calls_example_runs_as_written(tmp_path):
+    section = README.read_text().split("### Cheaper calls", 1)[1]
+    script = tmp_path / "cheaper.py"
+    script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    calls, flops, mixres = out.stdout.strip().splitlines()
+    assert calls == "{'full': [4, 4, 4, 4], 'shallow': [8, 8, 8, 8]}"
+    assert flops.startswith("{'full': 0.49") and "'shallow': 0.06" in flops
+    assert mixres == "(4, 1, 32, 32) ('res0.5', 'res0.5', 'res0.5', 'full', 'full', 'full', 'full', 'full', 'full', 'full')"
+
+
 # ----------------------------------------------------------------------------- the diffusers section
 def _diffusers_section() -> str:
     text = README.read_text()

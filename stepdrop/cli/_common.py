@@ -26,6 +26,13 @@ def add_device_and_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", choices=("none", "channels_last", "inductor"), default="none",
+                   help="how the model runs: as loaded, as a channels-last copy (faster convolutions on the CPU), or "
+                        "that copy compiled by torch.compile/TorchInductor (tens of seconds once per batch shape, "
+                        "reported apart from sampling time)")
+
+
 def ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())

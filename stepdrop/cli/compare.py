@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stepdrop.cli._common import (
     HelpFormatter,
+    add_compile,
     add_device_and_threads,
     add_model_source,
     clip_setting,
@@ -72,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="folder with the dataset files")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
     add_device_and_threads(p)
+    add_compile(p)
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each batch's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="compare", help="output folder (re-use it to resume)")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         cells=tuple(c for c in args.cells.split(",") if c.strip()),
         seed=args.seed, clip=clip_setting(args.clip), ref_split=args.ref_split, extractor=args.extractor,
         film_label=args.film, cache_dir=args.cache_dir, data_root=args.data_root, backend=args.backend,
-        cuda_graph=args.cuda_graph,
+        cuda_graph=args.cuda_graph, compile=args.compile,
     )
     # a preset fills what the user did not type; a typed flag always wins
     typed = dict(budgets=args.budgets, num_samples=args.num_samples, batch_size=args.batch_size,

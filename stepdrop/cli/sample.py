@@ -8,6 +8,7 @@ from pathlib import Path
 from stepdrop.cells import safe_name
 from stepdrop.cli._common import (
     HelpFormatter,
+    add_compile,
     add_device_and_threads,
     add_model_source,
     clip_setting,
@@ -29,11 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Sample a model with each policy spec from the same initial noise. Writes <out>/<spec>.png "
         "(a grid per spec), <out>/results.json and results.csv (counted NFE per sample, model calls, wall time of "
         "the sampling loop without I/O, images/s, the timesteps used) and prints the table. A spec is "
-        f"[solver:]policy-budget[@num_samples] with a solver of {', '.join(SOLVERS)}: ddim-25, "
+        f"[solver:]policy-budget[+variant...][@num_samples] with a solver of {', '.join(SOLVERS)}: ddim-25, "
         "ddpm-1000 and dpmpp_2m-10 are the uniform policy with that solver; "
         "other policies (uniform, quadratic, cosine, logsnr, importance, stepdrop, stepdrop_exact, "
-        "stepdrop_per_sample, noise_aware, gradient_aware, combined, adaptive) use DDIM unless a solver is given "
-        "(ddpm:importance-25); @N overrides --num-samples for that spec.",
+        "stepdrop_per_sample, noise_aware, gradient_aware, combined, adaptive, optimized) use DDIM unless a solver "
+        "is given (ddpm:importance-25); @N overrides --num-samples for that spec. Variants make calls cheaper: "
+        "+mixres(scale,fraction) runs the first fraction of the calls at scale x the size (PostDiff), "
+        "+cache(N[,branch[,uniform|quadratic]]) runs the whole network every N calls and only its shallow path, "
+        "with the cached deep feature, in between (DeepCache): ddim:quadratic-25+mixres(0.5,0.3)+cache(5).",
         formatter_class=HelpFormatter,
     )
     add_model_source(p)
@@ -45,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "0: no clipping — an under-trained model then drifts out of range at high noise)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-step backend")
     add_device_and_threads(p)
+    add_compile(p)
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each run's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="samples", help="output folder")
@@ -67,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ensure_writable_folder(out)
     loaded = load_model(args)
-    results = run_specs(loaded.model, loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
+    from stepdrop.compiled import compile_model
+
+    results = run_specs(compile_model(loaded.model, args.compile), loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
                         backend=args.backend, clip=clip_setting(args.clip), progress=not args.no_progress,
                         cuda_graph=args.cuda_graph)
     rows = []
@@ -75,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         row["grid"] = str(save_grid(images, out / f"{safe_name(spec.label)}.png"))
         rows.append(row)
     meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "clip": clip_setting(args.clip),
-            "device": args.device,
+            "device": args.device, "compile": args.compile,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     json_path, csv_path = write_results(rows, out, meta)
     print(format_table(rows))

@@ -92,6 +92,68 @@ class DiffusersUNetAdapter(nn.Module):
     def extra_repr(self) -> str:
         return f"sample_shape={self._sample_shape}, prediction_type={self.prediction_type!r}"
 
+    # ------------------------------------------------------------------ call variants (docs/DESIGN.md §4c)
+    def check_resolution(self, height: int, width: int) -> None:
+        """ValueError unless the UNet can run at H × W: a size up to its ``sample_size`` that its
+        downsampling blocks divide (mixed-resolution sampling)."""
+        factor = 2 ** sum(getattr(b, "downsamplers", None) is not None for b in self.unet.down_blocks)
+        _, H, W = self._sample_shape
+        if not (1 <= height <= H and 1 <= width <= W) or height % factor or width % factor:
+            raise ValueError(f"the UNet2DModel runs at sizes up to its sample_size {H}x{W} that its downsamplings "
+                             f"divide ({factor}), got {height}x{width}")
+
+    @property
+    def deep_branches(self) -> int:
+        """Split points for deep-feature caching: one per up block (branch 0 = the last, shallowest,
+        up block; the cached feature is the one entering up block ``n − 1 − branch``). A UNet with
+        skip-connection blocks (``Skip*Block2D``, whose image skip runs alongside every block)
+        has no shallow path to run on its own, and is refused with the reason."""
+        skip = [type(b).__name__ for b in (*self.unet.down_blocks, *self.unet.up_blocks) if hasattr(b, "skip_conv")]
+        if skip:
+            raise ValueError(f"deep-feature caching cannot split this UNet2DModel: its {skip[0]} carries an image "
+                             f"skip path through every block, so no shallow path exists without the deep blocks")
+        return len(self.unet.up_blocks)
+
+    def forward_cached(self, x: Tensor, t: Tensor | int, branch: int,
+                       feature: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(output, deep feature), as :meth:`stepdrop.models.TinyUNet.forward_cached`, at up-block
+        granularity: diffusers' ``UNet2DModel.forward`` (0.42) written out with the split. The
+        full call (``feature=None``) equals ``unet(x, t)``; given a feature, only the down blocks
+        that make the skips of the shallow up blocks run, then those up blocks."""
+        from stepdrop._validation import check_int
+
+        unet = self.unet
+        branch = check_int("branch", branch, low=0, high=self.deep_branches - 1)
+        start = len(unet.up_blocks) - 1 - branch
+        needed = sum(len(b.resnets) for b in unet.up_blocks[start:])  # skips the shallow up blocks take back
+        if unet.config.center_input_sample:
+            x = 2 * x - 1.0
+        timesteps = as_timestep_vector(t, x.shape[0], x.device)
+        emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
+        h = unet.conv_in(x)
+        res: tuple[Tensor, ...] = (h,)
+        for block in unet.down_blocks:
+            if feature is not None and len(res) >= needed:
+                break
+            h, more = block(hidden_states=h, temb=emb)
+            res += more
+        if feature is None:
+            if unet.mid_block is not None:
+                h = unet.mid_block(h, emb)
+            for block in unet.up_blocks[:start]:
+                n = len(block.resnets)
+                h, res = block(h, res[-n:], emb), res[:-n]
+            feature = h
+        res = res[:needed]
+        h = feature
+        for block in unet.up_blocks[start:]:
+            n = len(block.resnets)
+            h, res = block(h, res[-n:], emb), res[:-n]
+        h = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+        if unet.config.time_embedding_type == "fourier":
+            h = h / timesteps.reshape((h.shape[0], *([1] * (h.ndim - 1))))
+        return h, feature
+
 
 def from_diffusers_pipeline(pipeline: Any) -> tuple[DiffusersUNetAdapter, "NoiseSchedule"]:
     """The UNet and noise schedule of a diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``, …),

@@ -285,6 +285,8 @@ class TinyUNet(nn.Module):
                 level.resample = _Upsample(ch)
             self.up.append(level)
         assert not skip_channels  # internal invariant, not user input
+        # the up path's ResBlocks in execution order (level, index): flat block i takes back skip n − 1 − i
+        self._up_blocks = [(level, j) for level in self.up for j in range(len(level.res))]
 
         self.norm_out = _group_norm(ch, g)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
@@ -338,26 +340,94 @@ class TinyUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
         """ε̂ = model(x, t); x: float [B, C, H, W], t: int timesteps [B] or a single one."""
         x, t = self._check_inputs(x, t)
-        temb = timestep_embedding(t, self._config["base_channels"])
-        temb = self.time_mlp(temb.to(self.time_mlp[0].weight.dtype))
+        temb = self._embed(t)
+        skips = self._down(x, temb)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(skips[-1], temb)), temb)
+        return self._up(h, skips, temb, 0)
 
+    # ------------------------------------------------------------------ call variants
+    @property
+    def deep_branches(self) -> int:
+        """Number of skip branches, the places :meth:`forward_cached` can split the network:
+        branch b (0 = the shallowest, the output of ``conv_in``) is the b-th feature map pushed
+        on the way down, and the up-path ResBlock that takes it back is the split point."""
+        return len(self._up_blocks)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        """ValueError unless the network can run at H × W: the trained size or a reduced square
+        size that its {levels − 1} stride-2 downsamplings divide (mixed-resolution sampling,
+        docs/DESIGN.md §4c). Attention stays at the levels it was built for."""
+        size = self._config["image_size"]
+        factor = 2 ** (len(self._config["channel_mults"]) - 1)
+        if height != width or not 1 <= height <= size or height % factor:
+            raise ValueError(
+                f"TinyUNet runs at a square size H = W <= its image_size {size} and divisible by {factor} (its "
+                f"{len(self._config['channel_mults']) - 1} stride-2 downsamplings), got {height}x{width}")
+
+    def forward_cached(self, x: Tensor, t: Tensor | int, branch: int,
+                       feature: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(ε̂, deep feature): deep-feature caching at skip ``branch`` (DeepCache, Ma et al. 2024;
+        docs/DESIGN.md §4c).
+
+        With ``feature=None`` this is the full network, which also returns the up-path feature
+        that enters the ResBlock taking skip ``branch`` back. Given that ``feature`` (from an
+        earlier call on a batch of the same shape), only the shallow path runs: the down path
+        until it has pushed skip ``branch``, then the up path from that ResBlock on, with the
+        cached feature in place of everything deeper. The returned feature is then the one given.
+        """
+        branch = self._check_branch(branch)
+        x, t = self._check_inputs(x, t)
+        temb = self._embed(t)
+        start = len(self._up_blocks) - 1 - branch
+        if feature is None:
+            skips = self._down(x, temb)
+            h = self.mid_res2(self.mid_attn(self.mid_res1(skips[-1], temb)), temb)
+            h = self._up(h, skips, temb, 0, stop=start)
+            feature = h
+        else:
+            if not isinstance(feature, Tensor) or feature.shape[0] != x.shape[0]:
+                got = tuple(feature.shape) if isinstance(feature, Tensor) else type(feature).__name__
+                raise ValueError(f"feature must be the [B, ...] tensor an earlier full call returned for this batch "
+                                 f"(B = {x.shape[0]}), got {got}")
+            skips = self._down(x, temb, stop=branch + 1)
+        return self._up(feature, skips, temb, start), feature
+
+    def _check_branch(self, branch: int) -> int:
+        return check_int("branch", branch, low=0, high=len(self._up_blocks) - 1)
+
+    def _embed(self, t: Tensor) -> Tensor:
+        temb = timestep_embedding(t, self._config["base_channels"])
+        return self.time_mlp(temb.to(self.time_mlp[0].weight.dtype))
+
+    def _down(self, x: Tensor, temb: Tensor, stop: int | None = None) -> list[Tensor]:
+        """The skip features, shallowest first (the last one is also the middle block's input: the
+        deepest level has no downsampling); with ``stop``, only the first ``stop`` of them."""
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
             for res, attn in zip(level.res, level.attn):
+                if stop is not None and len(skips) >= stop:
+                    return skips
                 h = attn(res(h, temb))
                 skips.append(h)
             if not isinstance(level.resample, nn.Identity):
+                if stop is not None and len(skips) >= stop:
+                    return skips
                 h = level.resample(h)
                 skips.append(h)
+        return skips
 
-        h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb)), temb)
-
-        for level in self.up:
-            for res, attn in zip(level.res, level.attn):
-                h = attn(res(torch.cat([h, skips.pop()], dim=1), temb))
-            h = level.resample(h)
-
+    def _up(self, h: Tensor, skips: list[Tensor], temb: Tensor, start: int, stop: int | None = None) -> Tensor:
+        """The up path from flat ResBlock ``start`` (each takes back the deepest skip left in
+        ``skips``) to the output; with ``stop``, the feature entering ResBlock ``stop`` instead."""
+        for i, (level, j) in enumerate(self._up_blocks):
+            if i < start:
+                continue
+            if stop is not None and i == stop:
+                return h
+            h = level.attn[j](level.res[j](torch.cat([h, skips.pop()], dim=1), temb))
+            if j == len(level.res) - 1:
+                h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def _check_inputs(self, x: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
@@ -366,9 +436,18 @@ class TinyUNet(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != expected[0] or tuple(x.shape[2:]) != expected[1:] and \
+                not self._reduced_size_ok(x.shape[2], x.shape[3]):
+            raise ValueError(f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}] (or a reduced square "
+                             f"size that the downsamplings divide, for mixed resolution), got {tuple(x.shape)}")
         return x, as_timestep_vector(t, x.shape[0], x.device)
+
+    def _reduced_size_ok(self, height: int, width: int) -> bool:
+        try:
+            self.check_resolution(height, width)
+        except ValueError:
+            return False
+        return True
 
 
 def _int_tuple(name: str, value: object, *, low: int) -> tuple[int, ...]:

@@ -60,6 +60,8 @@ class Adaptive(OnlinePolicy):
         lam, T = state["lam"], state["lam"].numel()
         sig = predict_x0(x, eps, state["table"], t) if self.signal == "x0" else eps
         sig = sig.flatten(1).double()
+        if state["previous"] is not None and state["previous"].shape != sig.shape:
+            state["previous"] = None  # x changed size (mixed resolution): no comparable previous call
         if state["previous"] is None:
             factor = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
         else:
