@@ -82,19 +82,28 @@ def _yerr(cells: list[dict[str, Any]]):
 
 
 def _plot_fid_against(cells: list[dict[str, Any]], key: str, xlabel: str, title: str, path: Path, *,
-                      log_x: bool = False) -> Path:
-    """FID against ``cell[key]``: one line per (policy, solver) with CI error bars; reference
-    cells as labelled horizontal dashed lines."""
+                      log_x: bool = False, pareto: bool = False) -> Path:
+    """FID against ``cell[key]``: one line per (policy, solver, call variants) with CI error
+    bars; reference cells as labelled horizontal dashed lines. ``pareto``: also the front of
+    all cells, references included, where no other cell has both lower ``key`` and lower FID."""
     fig = new_figure(7.5, 5.0)
     ax = fig.add_subplot()
-    lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    lines: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
         if not c.get("reference") and _is_number(c.get(key)):
-            lines[(c["policy"], c["solver"])].append(c)
-    for (policy, solver), group in sorted(lines.items()):
+            lines[(c["policy"], c["solver"], c.get("calls") or "")].append(c)
+    for (policy, solver, calls), group in sorted(lines.items()):
         group.sort(key=lambda c: float(c[key]))
         ax.errorbar([float(c[key]) for c in group], [float(c["fid"]) for c in group], yerr=_yerr(group),
-                    marker="o", markersize=4, capsize=3, linewidth=1.4, label=f"{policy} ({solver})")
+                    marker="o", markersize=4, capsize=3, linewidth=1.4, label=f"{policy} ({solver}){calls}")
+    costed = [c for c in cells if _is_number(c.get(key))]
+    front = pareto_front([(-float(c[key]), float(c["fid"])) for c in costed]) if pareto else []
+    if front:
+        xs, ys = [float(costed[i][key]) for i in front][::-1], [float(costed[i]["fid"]) for i in front][::-1]
+        ax.step(xs, ys, where="post", color="k", linewidth=1.0, alpha=0.6, label="Pareto front (all cells)")
+        for i in front:
+            ax.annotate(str(costed[i]["label"]), (float(costed[i][key]), float(costed[i]["fid"])),
+                        textcoords="offset points", xytext=(4, -10), fontsize=7)
     for i, c in enumerate(sorted((c for c in cells if c.get("reference")), key=lambda c: str(c["label"]))):
         ax.axhline(float(c["fid"]), linestyle="--", linewidth=1.0, color=f"C{(len(lines) + i) % 10}",
                    label=f"{c['label']} (reference): FID {float(c['fid']):.2f}")
@@ -131,8 +140,8 @@ def _plot_fid_vs_throughput(cells: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_cost_curves(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``fid_vs_nfe.png``, ``fid_vs_gflops.png`` (log x) and ``fid_vs_throughput.png`` (with
-    the Pareto front) into ``out_dir``. Cells without FID are skipped; returns ``[]`` and writes
+    """Write ``fid_vs_nfe.png``, ``fid_vs_gflops.png`` (log x) and ``fid_vs_throughput.png`` (both
+    with the Pareto front across all cells) into ``out_dir``. Cells without FID are skipped; returns ``[]`` and writes
     nothing when no cell has one."""
     cells = _plottable(report)
     if not cells:
@@ -142,7 +151,7 @@ def plot_cost_curves(report: dict[str, Any], out_dir: str | os.PathLike) -> list
         _plot_fid_against(cells, "nfe_mean", "NFE per sample (mean model calls)", "FID vs NFE",
                           out / "fid_vs_nfe.png"),
         _plot_fid_against(cells, "gflops_per_sample", "GFLOPs per sample (incl. pilot calls)", "FID vs compute",
-                          out / "fid_vs_gflops.png", log_x=True),
+                          out / "fid_vs_gflops.png", log_x=True, pareto=True),
         _plot_fid_vs_throughput(cells, out / "fid_vs_throughput.png"),
     ]
 

@@ -30,10 +30,12 @@ from stepdrop._validation import check_choice, check_int
 from stepdrop.solvers import SOLVERS
 from stepdrop.policies import POLICIES, get_policy
 from stepdrop.sampler import FusedSampler
+from stepdrop.compiled import CompiledModel
+from stepdrop.cost import gflops_per_variant
 from stepdrop.schedule import NoiseSchedule
 from stepdrop.variants import CallPlan, parse_calls
 
-__all__ = ["RunSpec", "parse_spec", "run_specs", "save_grid", "write_results"]
+__all__ = ["RunSpec", "parse_spec", "run_specs", "save_grid", "split_specs", "write_results"]
 
 _SPEC = re.compile(r"^(?:(?P<solver>[a-z][a-z0-9_]*):)?(?P<policy>[a-z][a-z0-9_]*)-(?P<budget>\d+)"
                    r"(?P<calls>(?:\+[a-z]+\([^()]*\))*)(?:@(?P<samples>\d+))?$")
@@ -68,6 +70,21 @@ class RunSpec:
     @property
     def call_plan(self) -> CallPlan:
         return parse_calls(self.calls)
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs, split at the commas outside parentheses (a variant's
+    arguments are comma-separated too: ``ddim-50+cache(3,0),unipc-10`` is two specs)."""
+    specs, depth, current = [], 0, []
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    specs.append("".join(current))
+    return [s.strip() for s in specs if s.strip()]
 
 
 def parse_spec(text: str) -> RunSpec:
@@ -116,6 +133,7 @@ def run_specs(
     low_res: dict[tuple[int, ...], Tensor] = {}  # x_T at a reduced size (mixres), from the same seed
     FusedSampler(model, schedule, backend=backend).sample(noise[:1], "uniform", budget=1)  # warm-up
     results = []
+    flops: dict[str, dict[str, float]] = {}  # GFLOPs per call of each variant, per call plan (counted once)
     for spec in specs:
         n = spec.num_samples or num_samples
         sampler = FusedSampler(model, schedule, solver=spec.solver, clip=clip, backend=backend, cuda_graph=cuda_graph,
@@ -129,6 +147,11 @@ def run_specs(
         images, stats = sampler.sample(x_T[:n], policy, budget=spec.budget, generator=generator,
                                        progress=progress and not cuda_graph)
         row = stats.to_dict()
+        if spec.calls not in flops:
+            flops[spec.calls] = gflops_per_variant(model.inner if isinstance(model, CompiledModel) else model,
+                                                   spec.call_plan)
+        row["gflops_per_sample"] = sum(flops[spec.calls][label] * float(n.double().mean())
+                                       for label, n in stats.calls_by_variant().items())
         row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, clip=clip, nfe=stats.nfe.tolist(),
                    timesteps_row0=[int(v) for v in stats.timesteps[0] if v >= 0])
         results.append((spec, images, row))
@@ -155,7 +178,7 @@ def save_grid(images: Tensor, path: str | os.PathLike, *, nrow: int | None = Non
 
 
 RESULT_COLUMNS = ("label", "solver", "policy", "budget", "num_samples", "mean_nfe", "min_nfe", "max_nfe",
-                  "model_calls", "overhead_calls", "wall_time_s", "images_per_second", "backend", "seed")
+                  "gflops_per_sample", "model_calls", "overhead_calls", "wall_time_s", "images_per_second", "backend", "seed")
 
 
 def write_results(rows: list[dict[str, Any]], out: str | os.PathLike, meta: dict[str, Any]) -> tuple[Path, Path]:
@@ -173,9 +196,12 @@ def write_results(rows: list[dict[str, Any]], out: str | os.PathLike, meta: dict
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the counted costs."""
-    head = f"{'run':<18} {'solver':<6} {'NFE mean':>9} {'min':>5} {'max':>5} {'calls':>6} {'time s':>8} {'img/s':>8}"
+    width = max([18] + [len(r["label"]) for r in rows])
+    head = (f"{'run':<{width}} {'solver':<6} {'NFE mean':>9} {'min':>5} {'max':>5} {'GFLOPs':>7} {'calls':>6} "
+            f"{'time s':>8} {'img/s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['label']:<18} {r['solver']:<6} {r['mean_nfe']:>9.2f} {r['min_nfe']:>5} {r['max_nfe']:>5} "
-                     f"{r['model_calls']:>6} {r['wall_time_s']:>8.2f} {r['images_per_second']:>8.2f}")
+        lines.append(f"{r['label']:<{width}} {r['solver']:<6} {r['mean_nfe']:>9.2f} {r['min_nfe']:>5} {r['max_nfe']:>5} "
+                     f"{r.get('gflops_per_sample', float('nan')):>7.2f} {r['model_calls']:>6} {r['wall_time_s']:>8.2f} "
+                     f"{r['images_per_second']:>8.2f}")
     return "\n".join(lines)

@@ -305,3 +305,10 @@ def test_diffusers_unet_samples_with_variants_and_refuses_skip_blocks():
                            up_block_types=("UpBlock2D", "SkipUpBlock2D"))
     with pytest.raises(ValueError, match="cannot split this UNet2DModel: its SkipDownBlock2D carries an image skip"):
         FusedSampler(skip, SCHEDULE, calls="+cache(2)").sample(2, "uniform", budget=4)
+
+
+def test_spec_lists_split_outside_parentheses():
+    from stepdrop.runs import split_specs
+
+    assert split_specs("ddim-50+cache(3,0), unipc:logsnr-10+mixres(0.5,0.3)+cache(2,1,quadratic),ddim-10,") == [
+        "ddim-50+cache(3,0)", "unipc:logsnr-10+mixres(0.5,0.3)+cache(2,1,quadratic)", "ddim-10"]

@@ -83,10 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stepdrop.compare import FULL, QUICK, CompareConfig, command_line, run_compare
+    from stepdrop.runs import split_specs
 
     preset = QUICK if args.quick else FULL if args.full else {}
     chosen = dict(
-        cells=tuple(c for c in args.cells.split(",") if c.strip()),
+        cells=tuple(split_specs(args.cells)),
         seed=args.seed, clip=clip_setting(args.clip), ref_split=args.ref_split, extractor=args.extractor,
         film_label=args.film, cache_dir=args.cache_dir, data_root=args.data_root, backend=args.backend,
         cuda_graph=args.cuda_graph, compile=args.compile,
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     # a preset fills what the user did not type; a typed flag always wins
     typed = dict(budgets=args.budgets, num_samples=args.num_samples, batch_size=args.batch_size,
                  ref_samples=args.ref_samples, bootstrap=args.bootstrap,
-                 **{name: tuple(v for v in getattr(args, name).split(",") if v.strip())
+                 **{name: tuple(split_specs(getattr(args, name)))
                     for name in ("policies", "solvers", "references") if getattr(args, name) is not None})
     chosen.update(preset)
     chosen.update({name: value for name, value in typed.items() if value is not None})

@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from stepdrop._io import ensure_writable_folder
-    from stepdrop.runs import format_table, parse_spec, run_specs, save_grid, write_results
+    from stepdrop.runs import format_table, parse_spec, run_specs, save_grid, split_specs, write_results
 
-    specs = [parse_spec(s) for s in args.policies.split(",") if s.strip()]
+    specs = [parse_spec(s) for s in split_specs(args.policies)]
     if not specs:
         raise ValueError("--policies names no spec")
     if args.num_samples < 1:
