@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from stepdrop._io import atomic_write
-from stepdrop.models import TinyUNet
+from stepdrop.models import build_model
 from stepdrop.schedule import NoiseSchedule
 
 __all__ = [
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     checkpoint or an exported model file."""
     payload = read_file(path, map_location)
     try:
-        model = TinyUNet.from_config(payload["model_config"])
+        model = build_model(payload["model_config"])
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in payload["ema"].items()}
         model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as exc:

@@ -49,15 +49,23 @@ def gflops_per_variant(model: torch.nn.Module, calls, sample_shape: Sequence[int
     t = torch.full((1,), check_int("timestep", timestep, low=0), device=device, dtype=torch.int64)
     out: dict[str, float] = {}
     scales = (1.0,) if calls.mixres is None else (calls.mixres.scale, 1.0)
-    for variant in (Variant(scale, shallow) for scale in scales for shallow in ((False, True) if calls.cache else (False,))):
+    widths = sorted(set(calls.width.widths) | {1.0}, reverse=True) if calls.width is not None else (1.0,)
+    for variant in (Variant(scale, shallow, width) for scale in scales for width in widths
+                    for shallow in ((False, True) if calls.cache else (False,))):
         size = tuple(shape[1:]) if variant.scale == 1.0 else reduced_size(shape, variant.scale)
         x = torch.randn(1, shape[0], *size, device=device, dtype=dtype)
-        feature = model.forward_cached(x, t, calls.cache.branch)[1] if variant.shallow else None
-        with FlopCounterMode(display=False) as counter:
-            if variant.shallow:
-                model.forward_cached(x, t, calls.cache.branch, feature)
-            else:
-                model(x, t)
+        if calls.width is not None:
+            model.set_width(variant.width)
+        try:
+            feature = model.forward_cached(x, t, calls.cache.branch)[1] if variant.shallow else None
+            with FlopCounterMode(display=False) as counter:
+                if variant.shallow:
+                    model.forward_cached(x, t, calls.cache.branch, feature)
+                else:
+                    model(x, t)
+        finally:
+            if calls.width is not None:
+                model.set_width(1.0)
         out[variant.label] = counter.get_total_flops() / 1e9
     return out
 

@@ -382,7 +382,8 @@ class FusedSampler:
 
         Each call runs column k's variant (:class:`~stepdrop.variants.ModelCalls`); where the
         resolution changes after step k, x̂0 of step k is upsampled and re-noised to the next
-        timestep with a fresh draw, and a multistep solver starts its history again.
+        timestep with a fresh draw, and a multistep solver starts its history again. A slimmable
+        model runs each call at its column's width and is left at full width.
         ``draw(kind, k, shape)`` gives the step noise ("step") and the switch noise ("switch")."""
         t = ts[:, 0].clamp(min=0)  # the model's timesteps and the active mask, rewritten by each step
         active = ts[:, 0] >= 0
@@ -391,31 +392,34 @@ class FusedSampler:
         calls = ModelCalls(self.model, self.calls, ts.shape[1] - 1, run.sample_shape)
         settings, outputs = self._step_options(), PlanOutputs(counts.nfe, t, active)  # fixed for the run
         check_at = 0
-        for k in steps:
-            if hook is not None and x.device.type == "cpu" and not bool(active.any()):
-                break  # every online row has ended: free to see on the CPU, a sync on a GPU
-            eps = self._evaluate(calls, x, t, k, counts, run)
-            remaining = None if hook is None else hook(k, x, eps, ts)
-            if solver.history:  # steps left per sample, this one included: the multistep order's cap
-                if remaining is None:
-                    remaining = (ts[:, k:] >= 0).sum(1)
-                info = StepInfo(k, run.table, t, ts[:, k + 1], active, remaining)
-                x, eps = solver.prepare(x, eps, info, memory)
-            options = replace(settings, noise=draw("step", k, tuple(x.shape))) if self.stochastic else settings
-            if k == check_at:  # the tensors keep their shapes, dtypes and devices until a switch: check once
-                validate_plan_step_inputs(x, eps, run.table, ts, k, options, outputs)
-            switch = calls.switches_after(k)
-            if switch:  # x̂0 of this step, before the step rewrites t and active in place
-                x0 = torch.where(active.view(-1, *([1] * (x.ndim - 1))),
-                                 predict_x0(x, eps, run.table, t, self.clip), x)
-            x = _dispatch_plan_step(run.backend, x, eps, run.table, ts, k, options, outputs)
-            if switch:
-                size = calls.size_at(k + 1)
-                noise = draw("switch", k, tuple(x.shape[:2]) + size)
-                x = upsample_and_renoise(x0, size, ts[:, k + 1], run.table, noise).to(x.dtype)
-                memory, check_at = solver.start(x), k + 1
-            if callback is not None:
-                callback(k, ts[:, k], x)
+        try:
+            for k in steps:
+                if hook is not None and x.device.type == "cpu" and not bool(active.any()):
+                    break  # every online row has ended: free to see on the CPU, a sync on a GPU
+                eps = self._evaluate(calls, x, t, k, counts, run)
+                remaining = None if hook is None else hook(k, x, eps, ts)
+                if solver.history:  # steps left per sample, this one included: the multistep order's cap
+                    if remaining is None:
+                        remaining = (ts[:, k:] >= 0).sum(1)
+                    info = StepInfo(k, run.table, t, ts[:, k + 1], active, remaining)
+                    x, eps = solver.prepare(x, eps, info, memory)
+                options = replace(settings, noise=draw("step", k, tuple(x.shape))) if self.stochastic else settings
+                if k == check_at:  # the tensors keep their shapes, dtypes and devices until a switch: check once
+                    validate_plan_step_inputs(x, eps, run.table, ts, k, options, outputs)
+                switch = calls.switches_after(k)
+                if switch:  # x̂0 of this step, before the step rewrites t and active in place
+                    x0 = torch.where(active.view(-1, *([1] * (x.ndim - 1))),
+                                     predict_x0(x, eps, run.table, t, self.clip), x)
+                x = _dispatch_plan_step(run.backend, x, eps, run.table, ts, k, options, outputs)
+                if switch:
+                    size = calls.size_at(k + 1)
+                    noise = draw("switch", k, tuple(x.shape[:2]) + size)
+                    x = upsample_and_renoise(x0, size, ts[:, k + 1], run.table, noise).to(x.dtype)
+                    memory, check_at = solver.start(x), k + 1
+                if callback is not None:
+                    callback(k, ts[:, k], x)
+        finally:
+            calls.finish()  # a slimmable model is left at full width, even after an error
         return x
 
     def _evaluate(self, calls: ModelCalls, x, t, k, counts, run: "Run") -> Tensor:

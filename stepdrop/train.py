@@ -37,7 +37,8 @@ from stepdrop._io import ensure_writable_folder
 from stepdrop._validation import check_bool, check_choice, check_float, check_int
 from stepdrop.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, read_file
 from stepdrop.data import DATASETS, ImageData, load_images
-from stepdrop.models import TinyUNet
+from stepdrop.models import TinyUNet, build_model
+from stepdrop.models.slimmable import WIDTHS
 from stepdrop.ops.reference import q_sample
 from stepdrop.prediction import check_prediction_type, training_target
 from stepdrop.schedule import NoiseSchedule
@@ -51,9 +52,9 @@ LR_SCHEDULES = ("cosine", "constant")
 # also stretches the remaining decay).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "out", "data_root", "device", "download")
 # What a checkpoint written before a setting existed was trained with.
-LEGACY_SETTINGS = {"prediction_type": "epsilon", "init": None}
+LEGACY_SETTINGS = {"prediction_type": "epsilon", "init": None, "slimmable": False}
 # Architecture keys a warm start (`init`) may change: they hold no weights.
-INIT_MAY_CHANGE = ("dropout", "prediction_type", "zero_init_output")
+INIT_MAY_CHANGE = ("dropout", "prediction_type", "zero_init_output", "widths")
 
 
 @dataclass
@@ -86,6 +87,7 @@ class TrainConfig:
     out: str = "runs/fashion-mnist"
     device: str = "auto"
     download: bool = False  # cifar10: fetch the batches with torchvision when absent (needs internet)
+    slimmable: bool = False  # DDSM sandwich training of a SlimmableTinyUNet (widths 1, 0.75, 0.5, 0.25)
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)
@@ -103,6 +105,7 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, low=0.0)
         check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_bool("download", self.download)
+        check_bool("slimmable", self.slimmable)
         check_prediction_type(self.prediction_type)
         if self.init is not None and not isinstance(self.init, str):
             raise TypeError(f"init must be a path string or None, got {type(self.init).__name__}")
@@ -117,6 +120,7 @@ class TrainConfig:
             "attention_resolutions": list(self.attention_resolutions),
             "dropout": self.dropout,
             "prediction_type": self.prediction_type,
+            **({"widths": list(WIDTHS)} if self.slimmable else {}),
         }
 
     def noise_schedule(self) -> NoiseSchedule:
@@ -148,7 +152,7 @@ class _Run:
         self.device = device
         self.schedule = config.noise_schedule()
         torch.manual_seed(config.seed)  # initial weights; dropout later draws from this RNG too
-        self.model = TinyUNet(**config.model_config(), zero_init_output=True).to(device)
+        self.model = build_model({**config.model_config(), "zero_init_output": True}).to(device)
         if config.init is not None and warm_start:
             _warm_start(self.model, config.init)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -300,22 +304,42 @@ def train(config: TrainConfig, *, resume: bool = False, data: ImageData | None =
 
 
 def _train_step(run: _Run, data: ImageData, table: torch.Tensor, T: int) -> None:
-    """One optimizer step of the DDPM objective; its loss joins ``run.pending``."""
+    """One optimizer step of the DDPM objective; its loss joins ``run.pending``.
+
+    A slimmable run takes DDSM's sandwich step (Wang et al. 2024, sec. 3.2): on the same
+    images, three passes with their own t and noise, at width 1, at the narrowest width, and
+    at one drawn from the widths between; their gradients add up before one clipped optimizer
+    step. The loss logged is their mean."""
     config, device = run.config, run.device
     idx = run.next_indices(len(data))
     x0 = data.batch(idx, generator=run.data_gen).to(device)
-    t = torch.randint(0, T, (x0.shape[0],), generator=run.noise_gen).to(device)
-    eps = torch.randn(x0.shape, generator=run.noise_gen).to(device)
-    x_t = q_sample(x0, eps, table, t)
-    target = training_target(x0, eps, table, t, config.prediction_type)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.step, config)
     run.model.train()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        pred = run.model(x_t, t)
-    loss = F.mse_loss(pred.float(), target)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if config.slimmable:
+        widths = run.model.widths
+        middle = widths[1:-1]
+        pick = middle[int(torch.randint(0, len(middle), (1,), generator=run.noise_gen))] if middle else widths[-1]
+        passes = (widths[0], widths[-1], pick)
+    else:
+        passes = (None,)
+    losses = []
+    for width in passes:
+        t = torch.randint(0, T, (x0.shape[0],), generator=run.noise_gen).to(device)
+        eps = torch.randn(x0.shape, generator=run.noise_gen).to(device)
+        x_t = q_sample(x0, eps, table, t)
+        target = training_target(x0, eps, table, t, config.prediction_type)
+        if width is not None:
+            run.model.set_width(width)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = run.model(x_t, t)
+        loss = F.mse_loss(pred.float(), target)
+        loss.backward()
+        losses.append(loss.detach())
+    if config.slimmable:
+        run.model.set_width(1.0)
+    loss = torch.stack(losses).mean()
     if config.grad_clip > 0:
         nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
     run.optimizer.step()
@@ -355,7 +379,7 @@ def _warm_start(model: TinyUNet, path: str) -> None:
     """Load the weights of a model file or checkpoint (its EMA weights) into ``model``, whose
     architecture must match it except for :data:`INIT_MAY_CHANGE`."""
     payload = read_file(path)
-    theirs = {k: v for k, v in TinyUNet.from_config(payload["model_config"]).config.items() if k not in INIT_MAY_CHANGE}
+    theirs = {k: v for k, v in build_model(payload["model_config"]).config.items() if k not in INIT_MAY_CHANGE}
     ours = {k: v for k, v in model.config.items() if k not in INIT_MAY_CHANGE}
     diffs = [f"{k}: {theirs.get(k)!r} there vs {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k]]
     if diffs:

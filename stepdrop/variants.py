@@ -11,11 +11,14 @@ A step plan says *when* the model is called; a :class:`CallPlan` says *how*, per
 * shallow, with the cached deep feature (DeepCache, Ma et al. 2024): every ``interval`` calls
   (or on a quadratic refresh schedule) the whole network runs and its up-path feature at skip
   ``branch`` is kept; the calls in between run only the shallow path and reuse it. The first
-  call at each resolution is always a full one.
+  call at each resolution and width is always a full one;
+* at a reduced width (DDSM, Wang et al. 2024) of a slimmable network
+  (:class:`~stepdrop.models.SlimmableTinyUNet`): one width for every call, or one per call (a
+  searched width schedule).
 
 A shallow or low-resolution call is still a model call: NFE counts it, and its FLOPs are its
 own (:func:`stepdrop.cost.gflops_per_variant`). Cell specs write a call plan as a suffix,
-``ddim:quadratic-25+mixres(0.5,0.3)+cache(5)``; :func:`parse_calls` reads it.
+``ddim:quadratic-25+mixres(0.5,0.3)+cache(5)``, ``ddim-25+width(0.5)``; :func:`parse_calls` reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor
 
 from stepdrop._validation import check_choice, check_float, check_int
 
-__all__ = ["CallPlan", "DeepCache", "MixedResolution", "ModelCalls", "Variant", "parse_calls"]
+__all__ = ["CallPlan", "DeepCache", "MixedResolution", "ModelCalls", "Variant", "Widths", "parse_calls"]
 
 REFRESH = ("uniform", "quadratic")
 DEFAULT_BRANCH = 1
@@ -41,17 +44,18 @@ with three skips per level) stays inside the top level."""
 
 
 class Variant(NamedTuple):
-    """How one column's model call runs: at ``scale`` of the full size, and ``shallow`` (the
-    cached deep feature) or not."""
+    """How one column's model call runs: at ``scale`` of the full size, ``shallow`` (the cached
+    deep feature) or not, at ``width`` of a slimmable network."""
 
     scale: float = 1.0
     shallow: bool = False
+    width: float = 1.0
 
     @property
     def label(self) -> str:
-        if self.scale == 1.0:
-            return "shallow" if self.shallow else "full"
-        return f"res{self.scale:g}" + ("+shallow" if self.shallow else "")
+        parts = ([f"res{self.scale:g}"] if self.scale != 1.0 else []) + (["shallow"] if self.shallow else []) + \
+            ([f"w{self.width:g}"] if self.width != 1.0 else [])
+        return "+".join(parts) or "full"
 
 
 FULL = Variant()
@@ -109,28 +113,57 @@ class DeepCache:
 
 
 @dataclass(frozen=True)
+class Widths:
+    """The width of each call of a slimmable network: one for all (``width(0.5)``) or one per
+    call (``width(1,1,0.75,…)``, a searched schedule: its length must be the plan's calls)."""
+
+    widths: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.widths:
+            raise ValueError("width needs at least one width")
+        for w in self.widths:
+            check_float("width", w, low=0.0, high=1.0, low_open=True)
+
+    def per_column(self, columns: int) -> tuple[float, ...]:
+        if len(self.widths) == 1:
+            return self.widths * columns
+        if len(self.widths) != columns:
+            raise ValueError(f"a width schedule of {len(self.widths)} calls cannot run a plan of {columns} calls")
+        return self.widths
+
+    @property
+    def text(self) -> str:
+        return f"width({','.join(f'{w:g}' for w in self.widths)})"
+
+
+@dataclass(frozen=True)
 class CallPlan:
-    """How the calls of a plan are made: mixed resolution, deep-feature caching, both or neither."""
+    """How the calls of a plan are made: mixed resolution, deep-feature caching, slimmed widths,
+    any combination, or plain full calls."""
 
     mixres: MixedResolution | None = None
     cache: DeepCache | None = None
+    width: Widths | None = None
 
     @property
     def text(self) -> str:
         """The spec suffix, e.g. ``+mixres(0.5,0.3)+cache(5)`` ("" for plain full calls)."""
-        return "".join("+" + part.text for part in (self.mixres, self.cache) if part is not None)
+        return "".join("+" + part.text for part in (self.mixres, self.cache, self.width) if part is not None)
 
     @property
     def plain(self) -> bool:
-        return self.mixres is None and self.cache is None
+        return self.mixres is None and self.cache is None and self.width is None
 
     def variants(self, columns: int) -> tuple[Variant, ...]:
         """One :class:`Variant` per plan column (``columns`` = L − 1)."""
         low = self.mixres.low_res_calls(columns) if self.mixres is not None else 0
         scales = [self.mixres.scale if k < low else 1.0 for k in range(columns)] if low else [1.0] * columns
+        widths = self.width.per_column(columns) if self.width is not None else (1.0,) * columns
         refresh = self.cache.refresh_columns(columns) if self.cache is not None else set(range(columns))
-        return tuple(Variant(s, self.cache is not None and k not in refresh and k > 0 and scales[k - 1] == s)
-                     for k, s in enumerate(scales))
+        # a shallow call reuses a feature of its own size and width: the first call of each is full
+        return tuple(Variant(s, self.cache is not None and k not in refresh and k > 0 and scales[k - 1] == s
+                             and widths[k - 1] == w, w) for k, (s, w) in enumerate(zip(scales, widths)))
 
     def start_shape(self, sample_shape: Sequence[int]) -> tuple[int, ...]:
         """(C, H, W) of x_T: the full ``sample_shape``, or its reduced size under mixres."""
@@ -157,6 +190,15 @@ class CallPlan:
                 raise ValueError(f"cache needs a model with a shallow/deep split (forward_cached and deep_branches, as "
                                  f"TinyUNet has), and {type(model).__name__} has none")
             check_int("cache branch", self.cache.branch, low=0, high=int(branches) - 1)
+        if self.width is not None:
+            allowed = getattr(model, "widths", None)
+            if allowed is None or not callable(getattr(model, "set_width", None)):
+                raise ValueError(f"width needs a slimmable model (set_width and widths, as SlimmableTinyUNet has), "
+                                 f"and {type(model).__name__} is not one")
+            bad = sorted(set(self.width.widths) - set(allowed))
+            if bad:
+                raise ValueError(f"width must be among the widths the model was trained at {tuple(allowed)}, "
+                                 f"got {bad[0]:g}")
 
 
 def reduced_size(sample_shape: Sequence[int], scale: float) -> tuple[int, int]:
@@ -169,8 +211,9 @@ _PART = re.compile(r"\+(?P<name>[a-z]+)\((?P<args>[^()]*)\)")
 
 
 def parse_calls(text: str) -> CallPlan:
-    """A call plan from its spec suffix: ``+mixres(scale,fraction)`` and/or
-    ``+cache(interval[,branch[,uniform|quadratic]])``, e.g. ``+mixres(0.5,0.3)+cache(5)``."""
+    """A call plan from its spec suffix: ``+mixres(scale,fraction)``,
+    ``+cache(interval[,branch[,uniform|quadratic]])`` and ``+width(w)`` or ``+width(w_1,…,w_K)``,
+    alone or together, e.g. ``+mixres(0.5,0.3)+cache(5)``."""
     parts: dict[str, list[str]] = {}
     pos = 0
     for m in _PART.finditer(text):
@@ -181,12 +224,15 @@ def parse_calls(text: str) -> CallPlan:
         parts[m["name"]] = [a.strip() for a in m["args"].split(",")]
         pos = m.end()
     if pos != len(text):
-        raise ValueError(f"call spec {text!r} must be a list of +mixres(scale,fraction) and "
-                         f"+cache(interval[,branch[,uniform|quadratic]]), e.g. +mixres(0.5,0.3)+cache(5)")
-    unknown = sorted(set(parts) - {"mixres", "cache"})
+        raise ValueError(f"call spec {text!r} must be a list of +mixres(scale,fraction), "
+                         f"+cache(interval[,branch[,uniform|quadratic]]) and +width(w[,...]), e.g. "
+                         f"+mixres(0.5,0.3)+cache(5)")
+    unknown = sorted(set(parts) - {"mixres", "cache", "width"})
     if unknown:
-        raise ValueError(f"call spec {text!r}: unknown variant {unknown[0]!r}; legal: mixres, cache")
-    mixres = cache = None
+        raise ValueError(f"call spec {text!r}: unknown variant {unknown[0]!r}; legal: mixres, cache, width")
+    mixres = cache = width = None
+    if "width" in parts:
+        width = Widths(tuple(_number("width", w) for w in parts["width"]))
     if "mixres" in parts:
         args = parts["mixres"]
         if len(args) != 2:
@@ -199,7 +245,7 @@ def parse_calls(text: str) -> CallPlan:
         interval = _integer("cache interval", args[0])
         branch = _integer("cache branch", args[1]) if len(args) > 1 else DEFAULT_BRANCH
         cache = DeepCache(interval, branch, args[2] if len(args) > 2 else "uniform")
-    return CallPlan(mixres, cache)
+    return CallPlan(mixres, cache, width)
 
 
 def _number(name: str, text: str) -> float:
@@ -225,14 +271,22 @@ class ModelCalls:
         self.branch = calls.cache.branch if calls.cache is not None else 0
         self.variants = calls.variants(columns)
         self.cached = calls.cache is not None
+        self.slimmed = calls.width is not None
         self.feature: Tensor | None = None
 
     def __call__(self, k: int, x: Tensor, t: Tensor) -> Tensor:
+        if self.slimmed:
+            self.model.set_width(self.variants[k].width)
         if not self.cached:
             return self.model(x, t)
         feature = self.feature if self.variants[k].shallow else None
         out, self.feature = self.model.forward_cached(x, t, self.branch, feature)
         return out
+
+    def finish(self) -> None:
+        """Leave the model as it was given: a slimmable model back at full width."""
+        if self.slimmed:
+            self.model.set_width(1.0)
 
     def size_at(self, k: int) -> tuple[int, int]:
         """(H, W) of x at column k."""

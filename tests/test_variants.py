@@ -16,7 +16,7 @@ from stepdrop.cost import gflops_per_call, gflops_per_variant
 from stepdrop.ops.reference import predict_x0, q_sample
 from stepdrop.runs import parse_spec
 from stepdrop.solvers import SOLVERS
-from stepdrop.variants import CallPlan, DeepCache, MixedResolution, Variant, parse_calls
+from stepdrop.variants import CallPlan, DeepCache, MixedResolution, Variant, Widths, parse_calls
 from test_sampler import BACKENDS_HERE, gen
 
 SCHEDULE = NoiseSchedule.linear(1000)
@@ -58,6 +58,8 @@ class Counted(torch.nn.Module):
     ("+cache(5)", CallPlan(cache=DeepCache(5))),
     ("+cache(5,0,quadratic)", CallPlan(cache=DeepCache(5, 0, "quadratic"))),
     ("+mixres(0.75,0.2)+cache(3,2)", CallPlan(MixedResolution(0.75, 0.2), DeepCache(3, 2))),
+    ("+width(0.5)", CallPlan(width=Widths((0.5,)))),
+    ("+cache(2,0)+width(1,0.5,0.25)", CallPlan(cache=DeepCache(2, 0), width=Widths((1.0, 0.5, 0.25)))),
 ])
 def test_parse_calls_round_trips(text, plan):
     assert parse_calls(text) == plan
@@ -73,7 +75,9 @@ def test_parse_calls_round_trips(text, plan):
     ("+cache(2.5)", "cache interval must be an integer"),
     ("+cache(2,-1)", r"cache branch must be in \[0, inf\]"),
     ("+cache(2,1,sometimes)", r"cache refresh must be one of \('uniform', 'quadratic'\)"),
-    ("+width(0.5)", "unknown variant 'width'; legal: mixres, cache"),
+    ("+depth(0.5)", "unknown variant 'depth'; legal: mixres, cache, width"),
+    ("+width(0)", r"width must be in \(0.0, 1.0\], got 0.0"),
+    ("+width(a)", "width must be a number, got 'a'"),
     ("+cache(2)+cache(3)", "names cache twice"),
     ("mixres(0.5,0.3)", r"must be a list of \+mixres"),
 ])

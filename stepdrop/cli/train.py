@@ -39,6 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None,
                    help="warm-start from this model file or checkpoint (its EMA weights; same architecture, any "
                         "prediction type; fresh optimizer)")
+    p.add_argument("--slimmable", action="store_true",
+                   help="train a SlimmableTinyUNet that also runs at widths 0.75, 0.5 and 0.25 (DDSM's sandwich step: "
+                        "three passes per batch, at width 1, 0.25 and one of 0.75/0.5); warm-start it from a "
+                        "TinyUNet with --init")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="β schedule")
     p.add_argument("--num-timesteps", type=int, default=d.num_timesteps, help="T, diffusion steps")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (may grow on --resume)")

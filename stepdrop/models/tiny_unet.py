@@ -70,6 +70,7 @@ class _ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.in_parts: tuple[int, ...] | None = None
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -278,7 +279,9 @@ class TinyUNet(nn.Module):
             level = _Level()
             out_ch = base_channels * channel_mults[i]
             for _ in range(num_res_blocks + 1):
-                level.res.append(_ResBlock(ch + skip_channels.pop(), out_ch, time_embed_dim, dropout, g))
+                skip = skip_channels.pop()
+                level.res.append(_ResBlock(ch + skip, out_ch, time_embed_dim, dropout, g))
+                level.res[-1].in_parts = (ch, skip)  # it reads [h, skip] (a slimmable network slices each)
                 level.attn.append(attn_or_identity(out_ch, resolutions[i]))
                 ch = out_ch
             if i > 0:
