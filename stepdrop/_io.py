@@ -53,3 +53,9 @@ def ensure_writable_folder(folder: str | os.PathLike) -> Path:
         raise PermissionError(f"output folder {folder} is not writable")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def cache_root() -> Path:
+    """``$STEPDROP_CACHE``, default ``~/.cache/stepdrop``: searched timesteps, width schedules."""
+    root = os.environ.get("STEPDROP_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "stepdrop"

@@ -284,6 +284,7 @@ def _cell_row(spec: RunSpec, n: int, state: dict[str, Any], gflops: dict[str, fl
     return dict(
         label=spec.label, solver=spec.solver, policy=spec.policy, budget=spec.budget, eta=sampler_eta,
         calls=spec.calls, calls_by_variant={label: count / n for label, count in calls.items()},
+        widths=list(spec.call_plan.width.per_column(spec.budget)) if spec.call_plan.width is not None else None,
         reference=spec.label in config.references, num_samples=n, seed=config.seed, batch_size=config.batch_size,
         nfe_mean=float(nfe.mean()), nfe_min=int(state["nfe"].min()), nfe_max=int(state["nfe"].max()),
         overhead_calls=int(state["overhead_calls"]), overhead_samples=int(state["overhead_samples"]),
@@ -363,6 +364,8 @@ def run_compare(
     for spec in specs:
         n = spec.num_samples or config.num_samples
         key = dict(sample_key, label=spec.label, num_samples=n)
+        if spec.call_plan.width is not None:  # a named schedule may be searched again under its name
+            key["widths"] = list(spec.call_plan.width.widths)
         path = cells_dir / f"{_safe(spec.label)}.pt"
         done = _load_matching(path, key, log)
         if done is None:
@@ -455,6 +458,7 @@ def _write(rep: dict[str, Any], out: Path, grids: dict[str, Tensor], frames, fil
     budgets = sorted({c["budget"] for c in rep["cells"] if not c["reference"]})
     if budgets:
         plots.plot_timestep_barcode(rep, out, budget=25 if 25 in budgets else budgets[0])
+    plots.plot_width_schedules(rep, out)
     if grids:
         plots.plot_sample_grid(grids, out)
     if frames:

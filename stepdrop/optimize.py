@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from stepdrop._io import atomic_write_bytes
+from stepdrop._io import atomic_write_bytes, cache_root
 from stepdrop._validation import check_int, model_device_dtype
 from stepdrop.checkpoint import model_fingerprint
 from stepdrop.plan import StepPlan
@@ -55,8 +55,7 @@ VERSION = 1
 
 def default_cache_dir() -> Path:
     """``$STEPDROP_CACHE/timesteps``, default ``~/.cache/stepdrop/timesteps``."""
-    root = os.environ.get("STEPDROP_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "stepdrop") / "timesteps"
+    return cache_root() / "timesteps"
 
 
 class Optimized(StepPolicy):

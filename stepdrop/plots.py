@@ -27,6 +27,7 @@ __all__ = [
     "pareto_front",
     "plot_cost_curves",
     "plot_timestep_barcode",
+    "plot_width_schedules",
     "plot_sample_grid",
     "plot_film_strip",
 ]
@@ -154,6 +155,29 @@ def plot_cost_curves(report: dict[str, Any], out_dir: str | os.PathLike) -> list
                           out / "fid_vs_gflops.png", log_x=True, pareto=True),
         _plot_fid_vs_throughput(cells, out / "fid_vs_throughput.png"),
     ]
+
+
+def plot_width_schedules(report: dict[str, Any], out_dir: str | os.PathLike) -> Path | None:
+    """``width_schedules.png``: the width of each model call, against the call's timestep (first
+    recorded row), one line per cell that slims its network (DDSM); None when no cell does."""
+    cells = [c for c in report.get("cells", []) if c.get("widths")]
+    if not cells:
+        return None
+    fig = new_figure(7.0, 3.8)
+    ax = fig.add_subplot()
+    for i, c in enumerate(cells):
+        ts = (c.get("timesteps") or [[]])[0]
+        widths = c["widths"][: len(ts)] if ts else c["widths"]
+        xs = ts[: len(widths)] if ts else list(range(len(widths)))
+        ax.step(xs, widths, where="mid", lw=1.6, alpha=0.85, color=f"C{i % 10}",
+                label=f"{c['label']}: FID {float(c['fid']):.2f}, {float(c['gflops_per_sample']):.2f} GFLOPs"
+                if _is_number(c.get("fid")) else c["label"])
+    ax.invert_xaxis()  # sampling runs from noise (t = T − 1) to data (t = 0)
+    ax.set(xlabel="timestep t of the call (noise → data)", ylabel="network width", ylim=(0, 1.08),
+           title="width per call (step-aware widths)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return save_png(fig, Path(out_dir) / "width_schedules.png")
 
 
 def plot_timestep_barcode(report: dict[str, Any], out_dir: str | os.PathLike, budget: int = 25) -> Path | None:

@@ -23,15 +23,18 @@ own (:func:`stepdrop.cost.gflops_per_variant`). Cell specs write a call plan as 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stepdrop._io import cache_root
 from stepdrop._validation import check_choice, check_float, check_int
 
 __all__ = ["CallPlan", "DeepCache", "MixedResolution", "ModelCalls", "Variant", "Widths", "parse_calls"]
@@ -112,12 +115,35 @@ class DeepCache:
         return f"cache({self.interval}{extra})"
 
 
+def width_schedule_path(name: str) -> Path:
+    """Where the named width schedule ``name`` lives: ``$STEPDROP_CACHE/widths/<name>.json``
+    (``stepdrop search-widths`` writes it), or ``name`` itself if it is a path to a ``.json``."""
+    if name.endswith(".json") or "/" in name:
+        return Path(name)
+    return cache_root() / "widths" / f"{name}.json"
+
+
+def load_width_schedule(name: str) -> "Widths":
+    """The named width schedule (``+width(@name)``), read from :func:`width_schedule_path`."""
+    path = width_schedule_path(name)
+    try:
+        widths = json.loads(path.read_text())["widths"]
+        return Widths(tuple(float(w) for w in widths), name=name)
+    except FileNotFoundError:
+        raise ValueError(f"width schedule @{name}: no file {path} (stepdrop search-widths writes it)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"width schedule @{name}: {path} is not a width schedule ({type(exc).__name__}: {exc})") \
+            from None
+
+
 @dataclass(frozen=True)
 class Widths:
-    """The width of each call of a slimmable network: one for all (``width(0.5)``) or one per
-    call (``width(1,1,0.75,…)``, a searched schedule: its length must be the plan's calls)."""
+    """The width of each call of a slimmable network: one for all (``width(0.5)``), one per
+    call (``width(1,1,0.75,…)``: its length must be the plan's calls), or a named searched
+    schedule (``width(@name)``, :func:`load_width_schedule`)."""
 
     widths: tuple[float, ...]
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if not self.widths:
@@ -134,7 +160,7 @@ class Widths:
 
     @property
     def text(self) -> str:
-        return f"width({','.join(f'{w:g}' for w in self.widths)})"
+        return f"width(@{self.name})" if self.name else f"width({','.join(f'{w:g}' for w in self.widths)})"
 
 
 @dataclass(frozen=True)
@@ -232,7 +258,11 @@ def parse_calls(text: str) -> CallPlan:
         raise ValueError(f"call spec {text!r}: unknown variant {unknown[0]!r}; legal: mixres, cache, width")
     mixres = cache = width = None
     if "width" in parts:
-        width = Widths(tuple(_number("width", w) for w in parts["width"]))
+        args = parts["width"]
+        if len(args) == 1 and args[0].startswith("@"):
+            width = load_width_schedule(args[0][1:])
+        else:
+            width = Widths(tuple(_number("width", w) for w in args))
     if "mixres" in parts:
         args = parts["mixres"]
         if len(args) != 2:

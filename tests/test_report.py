@@ -335,3 +335,14 @@ def test_a_reference_is_never_the_uniform_baseline():
     reference = dict(_scored("uniform", 25, 50.0, [49, 51]), label="ddim-25@8", reference=True)
     (line,) = _budget_lines([reference, _scored("quadratic", 25, 34.0, [33, 35])], 100)
     assert "ddim-25@8" not in line and "no evaluated uniform DDIM cell at this budget" in line
+
+
+def test_width_schedule_plot(tmp_path):
+    from stepdrop.plots import plot_width_schedules
+
+    assert plot_width_schedules({"cells": [{"label": "ddim-4", "widths": None}]}, tmp_path) is None
+    report = {"cells": [{"label": "ddim:uniform-4+width(1,0.5,0.5,0.25)", "widths": [1.0, 0.5, 0.5, 0.25],
+                         "timesteps": [[999, 749, 499, 249]], "fid": 30.0, "gflops_per_sample": 1.2}]}
+    path = plot_width_schedules(report, tmp_path)
+    assert path == tmp_path / "width_schedules.png"
+    Image.open(path).verify()

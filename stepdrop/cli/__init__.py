@@ -1,5 +1,5 @@
-"""The ``stepdrop`` command line: ``stepdrop train``, ``export``, ``sample``, ``compare``, ``optimize`` and
-``diagnose``, one module per command (each with ``add_parser`` and ``run``)."""
+"""The ``stepdrop`` command line: ``stepdrop train``, ``export``, ``sample``, ``compare``, ``optimize``,
+``search-widths`` and ``diagnose``, one module per command (each with ``add_parser`` and ``run``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from stepdrop.cli import compare, diagnose, export, optimize, sample, train
+from stepdrop.cli import compare, diagnose, export, optimize, sample, search_widths, train
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (train, export, sample, compare, optimize, diagnose)
+COMMANDS = (train, export, sample, compare, optimize, search_widths, diagnose)
 
 
 def build_parser() -> argparse.ArgumentParser:
