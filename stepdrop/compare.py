@@ -175,6 +175,9 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
     warm = torch.randn(min(config.batch_size, n), *start_shape, device=device)
     if config.cuda_graph:
         sampler.sample(warm, policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
+    elif spec.call_plan.width is not None and len(spec.call_plan.width.widths) > 1:
+        # a width per call fits the cell's own plan length only
+        sampler.sample(warm[:2], policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
     else:
         sampler.sample(warm, "uniform", budget=1 if spec.call_plan.mixres is None else 2)
     batches = range(math.ceil(n / config.batch_size))

@@ -287,3 +287,34 @@ def test_a_preset_fills_only_what_was_not_typed(monkeypatch, tmp_path):
     assert main(["compare", "--quick", "--policies", "uniform", "--budgets", "10", "--out", str(tmp_path)]) == 0
     assert seen["config"].policies == ("uniform",) and seen["config"].budgets == (10,)
     assert seen["config"].references == compare.QUICK["references"]
+
+
+@needs_metrics
+def test_compare_cells_with_call_variants(tmp_path):
+    """Cheaper-call cells end to end: GFLOPs/sample summed over the counted calls of each
+    variant, the width-per-call picture, and a bad variant refused before any sample."""
+    from stepdrop.cost import gflops_per_call
+    from stepdrop.models import SlimmableTinyUNet
+
+    torch.manual_seed(0)
+    model = SlimmableTinyUNet(in_channels=1, image_size=32, base_channels=16, channel_mults=(1, 2),
+                              num_res_blocks=1, attention_resolutions=()).eval()
+    cells = ("ddim:uniform-4", "ddim:uniform-4+mixres(0.5,0.5)", "ddim:uniform-4+cache(2,0)",
+             "ddim:uniform-4+width(1,0.5,0.5,0.25)")
+    config = _config(policies=(), cells=cells, references=(), film_samples=0, cache_dir=str(tmp_path / "cache"))
+    report = run_compare(model, NoiseSchedule.linear(100), config, tmp_path / "out", progress=False,
+                         log=lambda s: None)
+    by = {c["label"]: c for c in report["cells"]}
+    full = gflops_per_call(model)
+    assert by["ddim:uniform-4"]["gflops_per_sample"] == pytest.approx(4 * full)
+    assert by["ddim:uniform-4+mixres(0.5,0.5)"]["calls_by_variant"] == {"res0.5": 2.0, "full": 2.0}
+    for label in cells[1:]:
+        cell = by[label]
+        assert cell["nfe_mean"] == 4 and cell["gflops_per_sample"] < 0.8 * 4 * full
+        assert sum(cell["calls_by_variant"].values()) == 4
+    assert by[cells[3]]["widths"] == [1.0, 0.5, 0.5, 0.25]
+    assert (tmp_path / "out" / "width_schedules.png").is_file()
+    with pytest.raises(ValueError, match=r"cell .ddim:uniform-4\+mixres\(0.35,0.5\).: mixres scale 0.35 gives 11x11"):
+        run_compare(model, NoiseSchedule.linear(100), _config(policies=(), cells=("ddim:uniform-4+mixres(0.35,0.5)",),
+                    references=()), tmp_path / "bad", progress=False, log=lambda s: None)
+    assert not (tmp_path / "bad" / "cells").exists()

@@ -20,15 +20,17 @@ if [ -n "$PLAIN" ]; then
   done
 fi
 # in priority order (the report is rewritten after each cell); GFLOPs/sample in brackets
-CELLS="unipc:logsnr-25+mixres(0.5,0.6)"                # 6.8: UniPC-25 at 55 %
-CELLS="$CELLS,unipc:logsnr-20+mixres(0.5,0.5)"         # 6.2
-CELLS="$CELLS,ddim:uniform-50+mixres(0.5,0.6)"         # 13.6: DDIM-50 at 55 %
-CELLS="$CELLS,ddim:uniform-50+cache(2,0)"              # 14.0
-CELLS="$CELLS,ddim:uniform-50+cache(3,0)"              # 10.5
-CELLS="$CELLS,unipc:logsnr-12,ddim:uniform-12"         # 6.0: fewer steps at 25 % of DDIM-50
-CELLS="$CELLS,ddim:uniform-50+mixres(0.5,0.6)+cache(3,0)"  # 5.8: cheaper steps at 25 %
-CELLS="$CELLS,unipc:logsnr-10+mixres(0.5,0.3)"         # 3.9
+# (DDIM-50: 24.8). The first cell is kept as the measured failure of a late switch (its
+# low-resolution phase reaches t = 110 on log-SNR spacing).
+CELLS="unipc:logsnr-25+mixres(0.5,0.6)"                # 6.8
+CELLS="$CELLS,ddim:uniform-50+cache(2,0)"              # 14.0: DDIM-50 at 56 %
+CELLS="$CELLS,ddim:uniform-50+cache(3,0)"              # 10.5: at 42 %
+CELLS="$CELLS,ddim:uniform-50+mixres(0.5,0.3)"         # 19.2: at 78 %
+CELLS="$CELLS,unipc:logsnr-25+mixres(0.5,0.2)"         # 10.5
+CELLS="$CELLS,unipc:logsnr-12,ddim:uniform-12"         # 6.0: fewer steps at 24 % of DDIM-50
+CELLS="$CELLS,ddim:uniform-50+mixres(0.5,0.3)+cache(3,0)"  # 8.2: cheaper steps at 33 %
 CELLS="$CELLS,ddim:uniform-100+cache(5,0)"             # 14.9: PostDiff's pixel recipe, our branch
+CELLS="$CELLS,unipc:logsnr-25+cache(2,0)"              # 7.2
 CELLS="$CELLS,unipc:logsnr-10,unipc:logsnr-25,dpmpp_2m:logsnr-10,dpmpp_2m:logsnr-25"
 $PY -m stepdrop.cli compare --num-samples 2000 --ref-samples 5000 --bootstrap 50 --batch-size 100 --threads 2 \
   --clip 0 --policies uniform --budgets 10,25,50 --cells "$CELLS" --references ddim-100 --film "unipc:logsnr-25+mixres(0.5,0.6)" \
