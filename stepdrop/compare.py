@@ -213,6 +213,7 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
             evaluated[label] = evaluated.get(label, 0) + size
         state.setdefault("batch_seconds", []).append((size, elapsed))
         state["histogram"] += torch.bincount(visited[visited >= 0], minlength=T)
+        state.setdefault("visited", []).append(visited.to(torch.int16))  # every sample's timesteps, for --save-images
         if len(state["timesteps"]) < 8:  # the first row of each batch: per-batch random plans differ there
             state["timesteps"].append([int(v) for v in visited[0] if v >= 0])
         state["per_sample_plans"] = state.get("per_sample_plans", False) or bool((visited != visited[0]).any())
@@ -321,9 +322,15 @@ def run_compare(
     command: str = "",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    save_images: str | Path | None = None,
+    save_format: str = "png",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the comparison into ``out``; returns the report dict (schema in
-    :mod:`stepdrop.tables`)."""
+    :mod:`stepdrop.tables`). ``save_images``: also write each cell's samples to
+    ``save_images/<cell>/`` (PNGs, or ``<cell>.npz`` with ``save_format="npz"``) with their seeds
+    and timesteps (:mod:`stepdrop.image_files`); a cell already saved there with the same
+    settings is kept, anything else there is refused before sampling unless ``overwrite``."""
     from stepdrop import metrics
 
     out = ensure_writable_folder(out)
@@ -333,6 +340,19 @@ def run_compare(
     _check_runnable(model, schedule, config, specs)
     gflops = gflops_per_call(model)
     log(f"{len(specs)} cells, {config.num_samples} samples each (unless @n), {gflops:.3f} GFLOPs per model call")
+    sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=model_fingerprint(model),
+                      T=schedule.num_timesteps, device=_device_name(device), backend=config.backend,
+                      cuda_graph=config.cuda_graph)
+    if config.compile != "none":  # images/s belong to it (kept out of the key otherwise: older cells stay valid)
+        sample_key["compile"] = config.compile
+    fast = compile_model(model, config.compile)  # samples; FLOPs and the fingerprint are the model's own
+    keys = {}
+    for spec in specs:
+        key = dict(sample_key, label=spec.label, num_samples=spec.num_samples or config.num_samples)
+        if spec.call_plan.width is not None:  # a named schedule may be searched again under its name
+            key["widths"] = list(spec.call_plan.width.widths)
+        keys[spec.label] = key
+    targets = _image_targets(specs, keys, save_images, save_format, overwrite)  # refused now, not hours later
     reference = metrics.reference_features(config.dataset, config.ref_split, config.ref_samples, extractor=extractor,
                                            cache_dir=config.cache_dir, data_root=config.data_root, device=device,
                                            progress=progress)
@@ -355,20 +375,12 @@ def run_compare(
     variant_gflops = {"": {"full": gflops}}  # GFLOPs per call of each variant, per call plan
     rows: list[dict[str, Any]] = []
     grids: dict[str, Tensor] = {}
-    sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=model_fingerprint(model),
-                      T=schedule.num_timesteps, device=meta["device"], backend=config.backend,
-                      cuda_graph=config.cuda_graph)
-    if config.compile != "none":  # images/s belong to it (kept out of the key otherwise: older cells stay valid)
-        sample_key["compile"] = config.compile
-    fast = compile_model(model, config.compile)  # samples; FLOPs and the fingerprint are the model's own
     metric_key = dict(extractor=extractor, ref_split=config.ref_split, ref_samples=int(reference.shape[0]),
                       bootstrap=config.bootstrap, kid_subsets=config.kid_subsets, dataset=config.dataset,
                       reference=hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:16])
     for spec in specs:
         n = spec.num_samples or config.num_samples
-        key = dict(sample_key, label=spec.label, num_samples=n)
-        if spec.call_plan.width is not None:  # a named schedule may be searched again under its name
-            key["widths"] = list(spec.call_plan.width.widths)
+        key = keys[spec.label]
         path = cells_dir / f"{_safe(spec.label)}.pt"
         done = _load_matching(path, key, log)
         if done is None:
@@ -386,6 +398,9 @@ def run_compare(
         if spec.calls not in variant_gflops:
             variant_gflops[spec.calls] = gflops_per_variant(model, spec.call_plan)
         row = _cell_row(spec, n, done["state"], variant_gflops[spec.calls], config, eta)
+        if spec.label in targets:
+            _save_cell_images(done["state"], key, config, targets[spec.label], overwrite)
+            row["saved_images"] = str(targets[spec.label])
         row.update(done["metrics"])
         rows.append(row)
         if config.compile != "none":  # the one-time cost of the first compile, apart from any cell's time
@@ -400,6 +415,48 @@ def run_compare(
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
     _write(full, out, grids, *film)
     return full
+
+
+def _image_targets(specs, keys, save_images, save_format: str, overwrite: bool) -> dict[str, Path]:
+    """Where each cell's samples go; ValueError before any sampling for a taken place (one
+    holding this cell's samples from the same settings is not taken: they are kept)."""
+    if save_images is None:
+        return {}
+    import json
+
+    from stepdrop.image_files import check_output, sidecar_path
+
+    check_choice("save_format", save_format, ("png", "npz"))
+    targets = {}
+    for spec in specs:
+        target = Path(save_images) / (_safe(spec.label) + (".npz" if save_format == "npz" else ""))
+        try:
+            same = json.loads(sidecar_path(target).read_text())["meta"]["key"] == keys[spec.label]
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if not same:
+            check_output(target, overwrite, "save_images")
+            targets[spec.label] = target
+    return targets
+
+
+def _save_cell_images(state: dict[str, Any], key: dict[str, Any], config: CompareConfig, target: Path,
+                      overwrite: bool) -> None:
+    from stepdrop.image_files import save_samples
+
+    rows = [row for batch in state.get("visited") or [] for row in batch.tolist()]
+    visited = rows if len(rows) == state["images"].shape[0] else None  # cells stored before it was kept: None
+    records = []
+    for i in range(state["images"].shape[0]):
+        batch = i // config.batch_size
+        seeds = (config.seed << 24) + 2 * batch
+        records.append(dict(index=i, batch=batch, noise_seed=seeds, plan_seed=seeds + 1,
+                            row=i - batch * config.batch_size, nfe=int(state["nfe"][i]),
+                            timesteps=None if visited is None else [int(v) for v in visited[i] if v >= 0]))
+    save_samples(state["images"], target, records=records, overwrite=overwrite,
+                 meta=dict(label=key["label"], key=key, noise=f"x_T of batch b: row `row` of torch.randn((batch_size, "
+                           f"C, H, W), generator=torch.Generator().manual_seed(noise_seed)); plans and step noise "
+                           f"from torch.Generator().manual_seed(plan_seed)"))
 
 
 def _check_runnable(model: torch.nn.Module, schedule: NoiseSchedule, config: CompareConfig,

@@ -153,7 +153,9 @@ def run_specs(
         row["gflops_per_sample"] = sum(flops[spec.calls][label] * float(n.double().mean())
                                        for label, n in stats.calls_by_variant().items())
         row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, clip=clip, nfe=stats.nfe.tolist(),
-                   timesteps_row0=[int(v) for v in stats.timesteps[0] if v >= 0])
+                   timesteps_row0=[int(v) for v in stats.timesteps[0] if v >= 0],
+                   timesteps=[[int(v) for v in r if v >= 0] for r in stats.timesteps],
+                   noise_shape=list(x_T.shape[1:]))
         results.append((spec, images, row))
     return results
 

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -318,3 +320,28 @@ def test_compare_cells_with_call_variants(tmp_path):
         run_compare(model, NoiseSchedule.linear(100), _config(policies=(), cells=("ddim:uniform-4+mixres(0.35,0.5)",),
                     references=()), tmp_path / "bad", progress=False, log=lambda s: None)
     assert not (tmp_path / "bad" / "cells").exists()
+
+
+@needs_metrics
+def test_compare_saves_each_cells_samples_and_resumes(tmp_path, capsys):
+    from stepdrop.image_files import save_samples
+
+    model, schedule = Counted(), NoiseSchedule.linear(100)
+    config = _config(policies=("uniform",), references=(), film_samples=0, cache_dir=str(tmp_path / "cache"))
+    saved = tmp_path / "saved"
+    run_compare(model, schedule, config, tmp_path / "out", progress=False, log=lambda s: None, save_images=saved)
+    side = json.loads((saved / "ddim_uniform-2" / "samples.json").read_text())
+    assert len(side["samples"]) == 6 and side["samples"][5]["batch"] == 1 and side["samples"][5]["row"] == 1
+    assert side["samples"][5]["noise_seed"] == 2 and side["samples"][5]["timesteps"] == [99, 49]
+    stored = torch.load(tmp_path / "out" / "cells" / "ddim_uniform-2.pt", weights_only=True)["state"]["images"]
+    first = np.array(Image.open(saved / "ddim_uniform-2" / "000000.png"))
+    assert np.array_equal(first, stored[0, 0].numpy())
+    # a resumed run keeps what it saved; a foreign folder is refused before any sampling
+    model.calls = 0
+    run_compare(model, schedule, config, tmp_path / "out", progress=False, log=lambda s: None, save_images=saved)
+    assert model.calls == 1  # the FLOP count only
+    save_samples(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), tmp_path / "other" / "ddim_uniform-2")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        run_compare(model, schedule, config, tmp_path / "out2", progress=False, log=lambda s: None,
+                    save_images=tmp_path / "other")
+    assert not (tmp_path / "out2" / "cells").exists()

@@ -77,6 +77,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each batch's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="compare", help="output folder (re-use it to resume)")
+    p.add_argument("--save-images", default=None, metavar="DIR",
+                   help="also write every cell's samples, for other FID tools: DIR/<cell>/000000.png, … (or "
+                        "DIR/<cell>.npz with --save-format npz) with each sample's seeds and timesteps in samples.json")
+    p.add_argument("--save-format", choices=("png", "npz"), default="png", help="format of --save-images")
+    p.add_argument("--overwrite", action="store_true", help="replace what --save-images finds in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -112,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         config = replace(config, dataset=trained_on)
     name = args.checkpoint or f"{Path(loaded.path).stem} (shipped with stepdrop)"
     report = run_compare(loaded.model, loaded.schedule, config, args.out, model_name=name,
-                         command=command_line(args.argv), progress=not args.no_progress)
+                         command=command_line(args.argv), progress=not args.no_progress,
+                         save_images=args.save_images, save_format=args.save_format, overwrite=args.overwrite)
     print(f"{len(report['cells'])} cells; report.md, report.json, report.csv and plots in {args.out}")
     return 0

@@ -53,6 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each run's whole loop as one CUDA graph (GPU only; not for adaptive)")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--save-images", default=None, metavar="DIR",
+                   help="also write every sample, for other FID tools: DIR/<spec>/000000.png, … (or DIR/<spec>.npz "
+                        "with --save-format npz: uint8 NHWC as arr_0) and a samples.json of each sample's seed and "
+                        "timesteps beside them")
+    p.add_argument("--save-format", choices=("png", "npz"), default="png", help="format of --save-images")
+    p.add_argument("--overwrite", action="store_true", help="replace what --save-images finds in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -71,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     out = Path(args.out)
     ensure_writable_folder(out)
+    targets = {}
+    if args.save_images is not None:  # refused before any sampling, not after
+        from stepdrop.image_files import check_output
+
+        suffix = ".npz" if args.save_format == "npz" else ""
+        targets = {s.label: check_output(Path(args.save_images) / f"{safe_name(s.label)}{suffix}", args.overwrite,
+                                         "--save-images") for s in specs}
     loaded = load_model(args)
     from stepdrop.compiled import compile_model
 
@@ -80,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for spec, images, row in results:
         row["grid"] = str(save_grid(images, out / f"{safe_name(spec.label)}.png"))
+        if spec.label in targets:
+            from stepdrop.image_files import save_samples
+
+            records = [dict(index=i, seed=args.seed, noise_row=i, nfe=row["nfe"][i], timesteps=row["timesteps"][i])
+                       for i in range(images.shape[0])]
+            row["saved_images"] = str(save_samples(images, targets[spec.label], records=records, overwrite=args.overwrite,
+                                                   meta=dict(label=spec.label, model=loaded.path, seed=args.seed,
+                                                             noise=_noise_recipe(specs, args, row["noise_shape"]))))
         rows.append(row)
     meta = {"model": loaded.path, "model_meta": loaded.meta, "seed": args.seed, "clip": clip_setting(args.clip),
             "device": args.device, "compile": args.compile,
@@ -88,3 +109,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print(f"grids, {json_path.name} and {csv_path.name} in {out}")
     return 0
+
+
+def _noise_recipe(specs, args, shape) -> str:
+    """How sample i's initial noise is drawn (row ``noise_row`` of one seeded draw)."""
+    largest = max([args.num_samples] + [s.num_samples or 0 for s in specs])
+    dims = ", ".join(str(d) for d in [largest, *shape])
+    return f"row noise_row of torch.randn(({dims}), generator=torch.Generator().manual_seed({args.seed}))"
