@@ -41,10 +41,12 @@ from torch import Tensor
 
 from stepdrop._io import ensure_writable_folder
 from stepdrop import plots, tables
+from stepdrop import shards
 from stepdrop.cells import load as _load, load_matching as _load_matching, safe_name as _safe, save as _save
 from stepdrop.checkpoint import model_fingerprint
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.compiled import COMPILE_MODES, compile_model
+from stepdrop.distributed import Group
 from stepdrop.cost import PeakMemory, gflops_per_call, gflops_per_variant
 from stepdrop.solvers import SOLVERS, get_solver
 from stepdrop.policies import POLICIES, OnlinePolicy, get_policy
@@ -154,43 +156,35 @@ def _batch_generators(seed: int, index: int) -> tuple[torch.Generator, torch.Gen
 
 # ----------------------------------------------------------------------------- sampling
 def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, device: torch.device,
-                 partial_path: Path, key: dict[str, Any], progress: bool,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Sample one cell batch by batch, checkpointing after each batch; returns the raw results."""
+                 cells_dir: Path, key: dict[str, Any], progress: bool, log: Callable[[str], None] = print,
+                 group: Group = Group()) -> dict[str, Any] | None:
+    """Sample this rank's batches of one cell that are not done yet, each stored as it finishes
+    (:mod:`stepdrop.shards`); then, on rank 0, the cell's merged state (None on the others)."""
     from stepdrop.metrics import to_uint8
 
     T = schedule.num_timesteps
     shape = tuple(model.sample_shape)
     start_shape = spec.call_plan.start_shape(shape)  # x_T's size: smaller under mixres
-    state = _load_matching(partial_path, key, log)
-    if state is None:
-        state = dict(key=key, images=torch.empty(0, *shape, dtype=torch.uint8), nfe=torch.empty(0, dtype=torch.int64),
-                     model_calls=0, evaluated_samples=0, overhead_calls=0, overhead_samples=0, wall=0.0, batch_seconds=[],
-                     histogram=torch.zeros(T, dtype=torch.int64), timesteps=[], peak_mb=None)
-    sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend,
-                           cuda_graph=config.cuda_graph, calls=spec.calls)
-    policy = get_policy(spec.policy)
-    # warm-up at the timed batch size (allocator, thread pools), untimed; a CUDA graph is
-    # captured here for the cell's own plan length, so no capture falls in a timed batch
-    warm = torch.randn(min(config.batch_size, n), *start_shape, device=device)
-    if config.cuda_graph:
-        sampler.sample(warm, policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
-    elif spec.call_plan.width is not None and len(spec.call_plan.width.widths) > 1:
-        # a width per call fits the cell's own plan length only
-        sampler.sample(warm[:2], policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
-    else:
-        sampler.sample(warm, "uniform", budget=1 if spec.call_plan.mixres is None else 2)
-    batches = range(math.ceil(n / config.batch_size))
+    folder = shards.batch_dir(cells_dir, _safe(spec.label))
+    batches = math.ceil(n / config.batch_size)
+    legacy = cells_dir / f"{_safe(spec.label)}.partial.pt"
+    if group.main:
+        shards.done_batches(folder, legacy, key, log, convert=True)
+    group.barrier(f"resuming cell {spec.label}")
+    done = shards.done_batches(folder, legacy, key, log, convert=False)
+    mine = [i for i in group.shard(range(batches)) if i not in done]
     bar = None
-    if progress:
+    if progress and group.main:  # the whole job's progress, counted from the batch files
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, initial=state["images"].shape[0], desc=spec.label, unit="img", leave=False)
-    for i in batches:
-        lo = i * config.batch_size
-        if lo < state["images"].shape[0]:
-            continue
-        size = min(config.batch_size, n - lo)
+        bar = tqdm(total=n, initial=min(n, len(done) * config.batch_size), desc=spec.label, unit="img", leave=False)
+    if mine:
+        sampler = FusedSampler(model, schedule, solver=spec.solver, clip=config.clip, backend=config.backend,
+                               cuda_graph=config.cuda_graph, calls=spec.calls)
+        policy = get_policy(spec.policy)
+        _warm_up(sampler, policy, spec, min(config.batch_size, n), start_shape, device, config.cuda_graph)
+    for i in mine:
+        size = min(config.batch_size, n - i * config.batch_size)
         noise_gen, step_gen = _batch_generators(config.seed, i)
         x_T = torch.randn((size, *start_shape), generator=noise_gen).to(device)
         with PeakMemory(device) as peak:
@@ -199,32 +193,31 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
             # the whole call: plan (pilot runs too) + loop; a CUDA graph captured for a plan length
             # first drawn in this batch is a one-time cost, not sampling, and is left out
             elapsed = _clock(device) - start - stats.info.get("cuda_graph", {}).get("capture_s", 0.0)
-        visited = stats.timesteps
-        state["images"] = torch.cat([state["images"], to_uint8(images.cpu())])
-        state["nfe"] = torch.cat([state["nfe"], stats.nfe])
-        for name in ("model_calls", "evaluated_samples", "overhead_calls", "overhead_samples"):
-            state[name] += getattr(stats, name)
-        state["wall"] += elapsed
-        calls = state.setdefault("calls_by_variant", {})  # summed over samples
-        for label, count in stats.calls_by_variant().items():
-            calls[label] = calls.get(label, 0) + int(count.sum())
-        evaluated = state.setdefault("evaluated_by_variant", {})  # masked samples included
-        for label in stats.variants[: stats.model_calls]:
-            evaluated[label] = evaluated.get(label, 0) + size
-        state.setdefault("batch_seconds", []).append((size, elapsed))
-        state["histogram"] += torch.bincount(visited[visited >= 0], minlength=T)
-        state.setdefault("visited", []).append(visited.to(torch.int16))  # every sample's timesteps, for --save-images
-        if len(state["timesteps"]) < 8:  # the first row of each batch: per-batch random plans differ there
-            state["timesteps"].append([int(v) for v in visited[0] if v >= 0])
-        state["per_sample_plans"] = state.get("per_sample_plans", False) or bool((visited != visited[0]).any())
-        if peak.megabytes is not None:
-            state["peak_mb"] = max(state["peak_mb"] or 0.0, peak.megabytes)
-        _save(state, partial_path)
+        record = shards.new_state(key, shape, T)
+        shards.add_batch(record, to_uint8(images.cpu()), stats, elapsed, peak.megabytes)
+        shards.save_batch(record, folder, i)
         if bar is not None:
-            bar.update(size)
+            bar.n = min(n, len(shards.batch_files(folder)) * config.batch_size)
+            bar.refresh()
+    group.barrier(f"sampling cell {spec.label}")
     if bar is not None:
         bar.close()
-    return state
+    if not group.main:
+        return None
+    return shards.merge(folder, key, batches, shape, T, log)
+
+
+def _warm_up(sampler, policy, spec: RunSpec, size: int, start_shape, device, cuda_graph: bool) -> None:
+    """One untimed run at the timed batch size (allocator, thread pools); a CUDA graph is
+    captured here for the cell's own plan length, so no capture falls in a timed batch."""
+    warm = torch.randn(size, *start_shape, device=device)
+    if cuda_graph:
+        sampler.sample(warm, policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
+    elif spec.call_plan.width is not None and len(spec.call_plan.width.widths) > 1:
+        # a width per call fits the cell's own plan length only
+        sampler.sample(warm[:2], policy, budget=spec.budget, generator=torch.Generator().manual_seed(0))
+    else:
+        sampler.sample(warm, "uniform", budget=1 if spec.call_plan.mixres is None else 2)
 
 
 def _film(model, schedule, spec: RunSpec, config: CompareConfig, device: torch.device) -> list[tuple[int, Tensor]]:
@@ -248,14 +241,38 @@ def _film(model, schedule, spec: RunSpec, config: CompareConfig, device: torch.d
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _evaluate(images: Tensor, reference: Tensor, config: CompareConfig, extractor: str,
-              classifier: torch.nn.Module | None, device: torch.device, progress: bool) -> dict[str, Any]:
+FEATURE_BATCH = 64
+"""Images per Inception pass; under torchrun rank r extracts passes j ≡ r (mod world), the same
+passes a single process makes, so the features are the same."""
+
+
+def _feature_layers(images: Tensor, extractor: str, device: torch.device, progress: bool,
+                    group: Group) -> tuple[Tensor, ...] | None:
+    """The FID features (and Inception logits where the extractor has them) of ``images``; under
+    torchrun each rank computes its share of the passes and rank 0 gets them all (None elsewhere)."""
     from stepdrop import metrics
 
     # IS needs the classifier head that only inception-v3-compat has; one pass gives both layers
     layers = (metrics.FEATURE_LAYER,) + (("logits_unbiased",) if extractor == metrics.COMPAT_EXTRACTOR else ())
-    features, *logits = metrics.extract_feature_layers(images, layers, extractor=extractor, device=device,
-                                                       progress=progress)
+    if group.world == 1:
+        return metrics.extract_feature_layers(images, layers, extractor=extractor, device=device,
+                                              batch_size=FEATURE_BATCH, progress=progress)
+    passes = group.shard(range(math.ceil(images.shape[0] / FEATURE_BATCH)))
+    mine = {j: metrics.extract_feature_layers(images[j * FEATURE_BATCH:(j + 1) * FEATURE_BATCH], layers,
+                                              extractor=extractor, device=device, batch_size=FEATURE_BATCH)
+            for j in passes}
+    everyone = group.all_gather(mine, "the Inception features")
+    if not group.main:
+        return None
+    merged = {j: tensors for part in everyone for j, tensors in part.items()}
+    return tuple(torch.cat([merged[j][k] for j in sorted(merged)]) for k in range(len(layers)))
+
+
+def _evaluate(images: Tensor, layers: tuple[Tensor, ...], reference: Tensor, config: CompareConfig,
+              classifier: torch.nn.Module | None) -> dict[str, Any]:
+    from stepdrop import metrics
+
+    features, *logits = layers
     n = features.shape[0]
     out: dict[str, Any] = {"fid": metrics.fid(features, reference), "fid_ci": None}
     out["inception_score"], out["inception_score_std"] = (
@@ -325,14 +342,23 @@ def run_compare(
     save_images: str | Path | None = None,
     save_format: str = "png",
     overwrite: bool = False,
-) -> dict[str, Any]:
+    group: Group = Group(),
+) -> dict[str, Any] | None:
     """Run (or resume) the comparison into ``out``; returns the report dict (schema in
     :mod:`stepdrop.tables`). ``save_images``: also write each cell's samples to
     ``save_images/<cell>/`` (PNGs, or ``<cell>.npz`` with ``save_format="npz"``) with their seeds
     and timesteps (:mod:`stepdrop.image_files`); a cell already saved there with the same
-    settings is kept, anything else there is refused before sampling unless ``overwrite``."""
+    settings is kept, anything else there is refused before sampling unless ``overwrite``.
+
+    Under torchrun (``group``, :mod:`stepdrop.distributed`) every rank calls this with the same
+    arguments: each samples its share of every cell's batches and extracts the Inception
+    features of its share of the images; rank 0 merges, scores and writes everything, shows the
+    progress and returns the report (the other ranks return None). The numbers equal a single
+    process's (same batches, same seeds, same feature batches)."""
     from stepdrop import metrics
 
+    if not group.main:
+        log, progress = (lambda message: None), False
     out = ensure_writable_folder(out)
     device = model_device_dtype(model)[0]
     extractor = config.extractor or metrics.default_extractor()
@@ -353,9 +379,13 @@ def run_compare(
             key["widths"] = list(spec.call_plan.width.widths)
         keys[spec.label] = key
     targets = _image_targets(specs, keys, save_images, save_format, overwrite)  # refused now, not hours later
-    reference = metrics.reference_features(config.dataset, config.ref_split, config.ref_samples, extractor=extractor,
-                                           cache_dir=config.cache_dir, data_root=config.data_root, device=device,
-                                           progress=progress)
+    reference = None
+    for turn in ("main", "others"):  # rank 0 fills the feature cache first; the others read it
+        if (turn == "main") == group.main:
+            reference = metrics.reference_features(config.dataset, config.ref_split, config.ref_samples,
+                                                   extractor=extractor, cache_dir=config.cache_dir,
+                                                   data_root=config.data_root, device=device, progress=progress)
+        group.barrier("the reference features")
     classifier = None
     if config.dataset == "fashion-mnist" and tuple(model.sample_shape)[0] == 1:
         from stepdrop.classifier import load_classifier
@@ -365,7 +395,7 @@ def run_compare(
         model=model_name, dataset=config.dataset,
         reference=dict(split=config.ref_split, num_images=int(reference.shape[0]), extractor=extractor),
         seed=config.seed, num_samples=config.num_samples, clip=config.clip, device=_device_name(device),
-        torch=str(torch.__version__), gflops_per_call=gflops, command=command,
+        torch=str(torch.__version__), gflops_per_call=gflops, command=command, ranks=group.world,
         interval=(f"95 % bootstrap over the generated samples ({config.bootstrap} resamples, percentile spread "
                   f"re-centred on the estimate, "
                   f"reference set fixed)" if config.bootstrap else "none"),
@@ -382,18 +412,22 @@ def run_compare(
         n = spec.num_samples or config.num_samples
         key = keys[spec.label]
         path = cells_dir / f"{_safe(spec.label)}.pt"
-        done = _load_matching(path, key, log)
-        if done is None:
-            state = _sample_cell(fast, schedule, spec, n, config, device, cells_dir / f"{_safe(spec.label)}.partial.pt",
-                                 key, progress, log)
-            done = dict(key=key, state=state, metric_key=None, metrics=None)
-            _save(done, path)
-            (cells_dir / f"{_safe(spec.label)}.partial.pt").unlink(missing_ok=True)
-        if done.get("metric_key") != metric_key:
-            done["metrics"] = _evaluate(done["state"]["images"], reference, config, extractor, classifier, device,
-                                        progress)
-            done["metric_key"] = metric_key
-            _save(done, path)
+        done = _load_matching(path, key, log) if group.main else None
+        if group.broadcast(done is None, f"cell {spec.label}: is it done"):
+            state = _sample_cell(fast, schedule, spec, n, config, device, cells_dir, key, progress, log, group)
+            if group.main:
+                done = dict(key=key, state=state, metric_key=None, metrics=None)
+                _save(done, path)
+                shards.remove(shards.batch_dir(cells_dir, _safe(spec.label)))
+        if group.broadcast(group.main and done.get("metric_key") != metric_key, f"cell {spec.label}: metrics"):
+            images = group.broadcast(done["state"]["images"] if group.main else None, f"cell {spec.label}: images")
+            layers = _feature_layers(images, extractor, device, progress, group)
+            if group.main:
+                done["metrics"] = _evaluate(images, layers, reference, config, classifier)
+                done["metric_key"] = metric_key
+                _save(done, path)
+        if not group.main:
+            continue
         eta = 1.0 if get_solver(spec.solver).stochastic else 0.0  # the cell's η column: 1 for a noisy solver
         if spec.calls not in variant_gflops:
             variant_gflops[spec.calls] = gflops_per_variant(model, spec.call_plan)
@@ -410,6 +444,8 @@ def run_compare(
         log(f"{spec.label:<22} NFE {row['nfe_mean']:6.2f}  FID {row['fid']:7.2f}  "
             f"{row['images_per_second'] or 0:7.2f} img/s")
         _write(dict(meta=meta, cells=rows), out, grids, None, None)
+    if not group.main:
+        return None
     film = _film_report(model, schedule, config, specs, device, cells_dir,
                         dict(sample_key, n=config.film_samples, clean_step=-1))  # frames once stored clean as t=0
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)

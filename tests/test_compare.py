@@ -106,36 +106,57 @@ def test_interrupted_cell_resumes_to_the_same_images(tmp_path):
     spec, config = parse_spec("ddim:stepdrop-3"), _config(batch_size=2)
     key = dict(label=spec.label)
     model = Counted()
-    whole = _sample_cell(model, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "a.pt", key, False)
+    whole = _sample_cell(model, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "a", key, False)
 
     # the same weights, stopped in the middle of the second batch
     crashing = Counted(fail_at=1 + 3 + 2)  # warm-up call, batch 0's three calls, then inside batch 1
     crashing.load_state_dict(model.state_dict())
     with pytest.raises(KeyboardInterrupt):
-        _sample_cell(crashing, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "b.pt", key, False)
-    partial = torch.load(tmp_path / "b.pt", weights_only=True)
-    assert partial["images"].shape[0] == 2  # batch 0 was kept
+        _sample_cell(crashing, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "b", key, False)
+    kept = sorted(p.name for p in (tmp_path / "b" / "ddim_stepdrop-3.batches").iterdir())
+    assert kept == ["batch-000000.pt"]  # batch 0 was kept, in a file of its own
     crashing.fail_at = None
     crashing.calls = 0
-    resumed = _sample_cell(crashing, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "b.pt", key, False)
+    resumed = _sample_cell(crashing, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "b", key, False)
     assert crashing.calls == 1 + 2 * 3  # warm-up and the two missing batches only
     assert torch.equal(resumed["images"], whole["images"])
     assert torch.equal(resumed["nfe"], whole["nfe"])
+    assert resumed["timesteps"] == whole["timesteps"] and torch.equal(resumed["histogram"], whole["histogram"])
 
 
-def test_a_damaged_or_foreign_partial_is_set_aside_not_overwritten(tmp_path):
+def test_a_cell_in_progress_from_before_batch_files_resumes(tmp_path):
+    """A cumulative ``<cell>.partial.pt`` (the layout before one file per batch) counts as its batches."""
+    from stepdrop import shards
+    from stepdrop.cells import save
+
+    schedule, spec, config = NoiseSchedule.linear(100), parse_spec("ddim:uniform-2"), _config(batch_size=2)
+    key, model = dict(label=spec.label), Counted()
+    whole = _sample_cell(model, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "a", key, False)
+    first = shards.merge(tmp_path / "x", key, 0, (1, 32, 32), 100, print)  # an empty state of the right shape
+    first.update({k: v for k, v in whole.items() if k not in ("images", "nfe", "batch_seconds")},
+                 images=whole["images"][:2], nfe=whole["nfe"][:2], batch_seconds=whole["batch_seconds"][:1])
+    (tmp_path / "b").mkdir()
+    save(first, tmp_path / "b" / "ddim_uniform-2.partial.pt")
+    model.calls = 0
+    resumed = _sample_cell(model, schedule, spec, 6, config, torch.device("cpu"), tmp_path / "b", key, False)
+    assert model.calls == 1 + 2 * 2 and torch.equal(resumed["images"], whole["images"])
+    assert not (tmp_path / "b" / "ddim_uniform-2.partial.pt").exists()
+
+
+def test_a_damaged_or_foreign_batch_is_set_aside_not_overwritten(tmp_path):
     schedule, config = NoiseSchedule.linear(100), _config(batch_size=2)
     spec, said = parse_spec("ddim:uniform-2"), []
-    partial = tmp_path / "cell.partial.pt"
-    partial.write_bytes(b"not a torch file")
-    state = _sample_cell(Counted(), schedule, spec, 4, config, torch.device("cpu"), partial, dict(label="a"), False,
+    folder = tmp_path / "ddim_uniform-2.batches"
+    folder.mkdir()
+    (folder / "batch-000000.pt").write_bytes(b"not a torch file")
+    state = _sample_cell(Counted(), schedule, spec, 4, config, torch.device("cpu"), tmp_path, dict(label="a"), False,
                          said.append)
     assert state["images"].shape[0] == 4
-    (kept,) = tmp_path.glob("cell.partial.set-aside-*.pt")
+    (kept,) = folder.glob("batch-000000.set-aside-*.pt")
     assert kept.read_bytes() == b"not a torch file" and "cannot be read" in said[0]
-    _sample_cell(Counted(), schedule, spec, 4, config, torch.device("cpu"), partial, dict(label="b"), False,
-                 said.append)  # the finished partial of key "a" is not resumed for key "b"
-    assert len(list(tmp_path.glob("cell.partial.set-aside-*.pt"))) == 2 and "label: 'a' -> 'b'" in said[1]
+    _sample_cell(Counted(), schedule, spec, 4, config, torch.device("cpu"), tmp_path, dict(label="b"), False,
+                 said.append)  # the finished batches of key "a" are not resumed for key "b"
+    assert len(list(folder.glob("batch-*.set-aside-*.pt"))) == 3 and "label: 'a' -> 'b'" in said[1]
 
 
 def test_images_per_second_is_the_median_batch():

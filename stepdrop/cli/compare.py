@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         chosen["dataset"] = args.dataset
     config = CompareConfig(**chosen)
     set_threads(args.threads)
+    from stepdrop.distributed import start
+
+    group, args.device = start(args.device)  # under torchrun: this rank's place and device
     loaded = load_model(args)
     trained_on = (loaded.meta or {}).get("dataset")
     if args.dataset is not None and trained_on is not None and args.dataset != trained_on:
@@ -118,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.checkpoint or f"{Path(loaded.path).stem} (shipped with stepdrop)"
     report = run_compare(loaded.model, loaded.schedule, config, args.out, model_name=name,
                          command=command_line(args.argv), progress=not args.no_progress,
-                         save_images=args.save_images, save_format=args.save_format, overwrite=args.overwrite)
+                         save_images=args.save_images, save_format=args.save_format, overwrite=args.overwrite,
+                         group=group)
+    if not group.main:
+        return 0
     print(f"{len(report['cells'])} cells; report.md, report.json, report.csv and plots in {args.out}")
     return 0
