@@ -68,6 +68,13 @@ class Group:
         _collective(what, self, dist.all_gather_object, out, obj)
         return out
 
+    def close(self) -> None:
+        """Wait until every rank is done (rank 0 writes last), then leave the group: a rank that
+        exits while another is still in a collective would take the process group down with it."""
+        if self.world > 1 and dist.is_initialized():
+            self.barrier("the end of the run")
+            dist.destroy_process_group()
+
     def broadcast(self, obj: Any, what: str) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +29,9 @@ from stepdrop._io import atomic_write, atomic_write_bytes
 from stepdrop._validation import check_choice, check_int
 from stepdrop.solvers import SOLVERS
 from stepdrop.policies import POLICIES, get_policy
-from stepdrop.sampler import FusedSampler
+from stepdrop.distributed import Group
+from stepdrop.ops.reference import CLEAN
+from stepdrop.sampler import FusedSampler, SampleStats
 from stepdrop.compiled import CompiledModel
 from stepdrop.cost import gflops_per_variant
 from stepdrop.schedule import NoiseSchedule
@@ -117,8 +119,16 @@ def run_specs(
     clip: float | None = 1.0,
     progress: bool = True,
     cuda_graph: bool = False,
+    batch_size: int | None = None,
+    group: Group = Group(),
 ) -> list[tuple[RunSpec, Tensor, dict[str, Any]]]:
     """Run each spec on the same initial noise; returns (spec, images, stats dict) per spec.
+
+    ``batch_size``: images per sampler call (default: all of a spec's in one); batch i draws
+    its plans and step noise from ``torch.Generator().manual_seed(seed + i)`` and its x_T is
+    rows i·b … of the one seeded draw, so the images do not depend on who samples a batch.
+    Under torchrun (``group``) batch i runs on rank i mod world and rank 0 gathers the
+    results (the other ranks return an empty list).
 
     ``clip`` clips x̂0 to [−clip, clip] at every step (1.0: the [−1, 1] data range our models
     are trained on; None: no clipping). Timing covers the sampling loop only (no I/O); a
@@ -132,32 +142,62 @@ def run_specs(
     noise = torch.randn((largest, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
     low_res: dict[tuple[int, ...], Tensor] = {}  # x_T at a reduced size (mixres), from the same seed
     FusedSampler(model, schedule, backend=backend).sample(noise[:1], "uniform", budget=1)  # warm-up
+    if batch_size is not None:
+        check_int("batch_size", batch_size, low=1)
     results = []
     flops: dict[str, dict[str, float]] = {}  # GFLOPs per call of each variant, per call plan (counted once)
     for spec in specs:
         n = spec.num_samples or num_samples
         sampler = FusedSampler(model, schedule, solver=spec.solver, clip=clip, backend=backend, cuda_graph=cuda_graph,
                                calls=spec.calls)
-        generator = torch.Generator().manual_seed(seed)
         policy = get_policy(spec.policy)
         start = spec.call_plan.start_shape(shape)
         if start != shape and start not in low_res:
             low_res[start] = torch.randn((largest, *start), generator=torch.Generator().manual_seed(seed)).to(device)
         x_T = noise if start == shape else low_res[start]
-        images, stats = sampler.sample(x_T[:n], policy, budget=spec.budget, generator=generator,
-                                       progress=progress and not cuda_graph)
+        b = batch_size or n
+        parts = {}
+        for i in group.shard(range(math.ceil(n / b))):
+            generator = torch.Generator().manual_seed(seed + i)
+            images, stats = sampler.sample(x_T[i * b:min(n, (i + 1) * b)], policy, budget=spec.budget,
+                                           generator=generator, progress=progress and group.main and not cuda_graph)
+            parts[i] = (images.cpu(), stats)
+        gathered = {i: part for share in group.all_gather(parts, f"the samples of {spec.label}") for i, part in
+                    share.items()}
+        if not group.main:
+            continue
+        images = torch.cat([gathered[i][0] for i in sorted(gathered)])
+        stats = _merge_stats([gathered[i][1] for i in sorted(gathered)])
         row = stats.to_dict()
         if spec.calls not in flops:
             flops[spec.calls] = gflops_per_variant(model.inner if isinstance(model, CompiledModel) else model,
                                                    spec.call_plan)
-        row["gflops_per_sample"] = sum(flops[spec.calls][label] * float(n.double().mean())
-                                       for label, n in stats.calls_by_variant().items())
+        row["gflops_per_sample"] = sum(flops[spec.calls][label] * float(count.double().mean())
+                                       for label, count in stats.calls_by_variant().items())
         row.update(label=spec.label, budget=spec.budget, seed=seed, num_samples=n, clip=clip, nfe=stats.nfe.tolist(),
                    timesteps_row0=[int(v) for v in stats.timesteps[0] if v >= 0],
                    timesteps=[[int(v) for v in r if v >= 0] for r in stats.timesteps],
                    noise_shape=list(x_T.shape[1:]))
         results.append((spec, images, row))
     return results
+
+
+def _merge_stats(parts: list[SampleStats]) -> SampleStats:
+    """One :class:`SampleStats` for a spec sampled in batches (counts summed, per-sample rows
+    concatenated, plans padded with CLEAN to the longest)."""
+    if len(parts) == 1:
+        return parts[0]
+    L = max(p.timesteps.shape[1] for p in parts)
+    timesteps = torch.cat([torch.nn.functional.pad(p.timesteps, (0, L - p.timesteps.shape[1]), value=CLEAN)
+                           for p in parts])
+    first = parts[0]
+    return replace(first, nfe=torch.cat([p.nfe for p in parts]), timesteps=timesteps,
+                   model_calls=sum(p.model_calls for p in parts),
+                   evaluated_samples=sum(p.evaluated_samples for p in parts),
+                   overhead_calls=sum(p.overhead_calls for p in parts),
+                   overhead_samples=sum(p.overhead_samples for p in parts),
+                   wall_time_s=sum(p.wall_time_s for p in parts),
+                   variants=max((p.variants for p in parts), key=len))
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, *, nrow: int | None = None, padding: int = 2) -> Path:

@@ -60,7 +60,7 @@ def test_sample_cli_saves_images_that_torch_fidelity_reads(tmp_path, capsys):
     assert main(args) == 0
     side = json.loads((saved / "ddim-3" / "samples.json").read_text())
     assert [s["timesteps"] for s in side["samples"]] == [[999, 666, 332]] * 6
-    assert side["samples"][2] == dict(index=2, seed=0, noise_row=2, nfe=3, timesteps=[999, 666, 332])
+    assert side["samples"][2] == dict(index=2, seed=0, noise_row=2, plan_seed=0, nfe=3, timesteps=[999, 666, 332])
     # refused before sampling when the folder holds samples; replaced with --overwrite
     (out / "results.json").unlink()
     assert main(args) == 2 and "exists and is not empty" in capsys.readouterr().err

@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
                          save_images=args.save_images, save_format=args.save_format, overwrite=args.overwrite,
                          group=group)
     if not group.main:
+        group.close()
         return 0
     print(f"{len(report['cells'])} cells; report.md, report.json, report.csv and plots in {args.out}")
+    group.close()
     return 0

@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_source(p)
     p.add_argument("--policies", default=DEFAULT_SPECS, help="comma-separated specs")
     p.add_argument("--num-samples", type=int, default=16, help="images per spec")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per sampler call (default: all of a spec's at once); batch i is seeded seed + i, so "
+                        "under torchrun (batch i on rank i mod N) the images equal a single process's")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, step noise and stochastic plans")
     p.add_argument("--clip", type=float, default=1.0,
                    help="clip x̂0 to [-clip, clip] at every step (1: the [-1, 1] data range of stepdrop's models; "
@@ -84,20 +87,27 @@ def run(args: argparse.Namespace) -> int:
         suffix = ".npz" if args.save_format == "npz" else ""
         targets = {s.label: check_output(Path(args.save_images) / f"{safe_name(s.label)}{suffix}", args.overwrite,
                                          "--save-images") for s in specs}
-    loaded = load_model(args)
     from stepdrop.compiled import compile_model
+    from stepdrop.distributed import start
 
-    results = run_specs(compile_model(loaded.model, args.compile), loaded.schedule, specs, num_samples=args.num_samples, seed=args.seed,
-                        backend=args.backend, clip=clip_setting(args.clip), progress=not args.no_progress,
-                        cuda_graph=args.cuda_graph)
+    group, args.device = start(args.device)  # under torchrun: this rank's place and device
+    loaded = load_model(args)
+    results = run_specs(compile_model(loaded.model, args.compile), loaded.schedule, specs, num_samples=args.num_samples,
+                        seed=args.seed, backend=args.backend, clip=clip_setting(args.clip),
+                        progress=not args.no_progress, cuda_graph=args.cuda_graph, batch_size=args.batch_size,
+                        group=group)
+    if not group.main:
+        group.close()
+        return 0
     rows = []
     for spec, images, row in results:
         row["grid"] = str(save_grid(images, out / f"{safe_name(spec.label)}.png"))
         if spec.label in targets:
             from stepdrop.image_files import save_samples
 
-            records = [dict(index=i, seed=args.seed, noise_row=i, nfe=row["nfe"][i], timesteps=row["timesteps"][i])
-                       for i in range(images.shape[0])]
+            per_batch = args.batch_size or images.shape[0]
+            records = [dict(index=i, seed=args.seed, noise_row=i, plan_seed=args.seed + i // per_batch,
+                            nfe=row["nfe"][i], timesteps=row["timesteps"][i]) for i in range(images.shape[0])]
             row["saved_images"] = str(save_samples(images, targets[spec.label], records=records, overwrite=args.overwrite,
                                                    meta=dict(label=spec.label, model=loaded.path, seed=args.seed,
                                                              noise=_noise_recipe(specs, args, row["noise_shape"]))))
@@ -108,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     json_path, csv_path = write_results(rows, out, meta)
     print(format_table(rows))
     print(f"grids, {json_path.name} and {csv_path.name} in {out}")
+    group.close()
     return 0
 
 
