@@ -102,3 +102,28 @@ def model_device_dtype(
         return p.device, p.dtype
     except (AttributeError, StopIteration, TypeError):
         return default_device, torch.float32
+
+
+def check_device(name: str, device: object) -> torch.device:
+    """``device`` as a torch.device that exists on this machine; ValueError naming it and what
+    is available otherwise (before any file is read or tensor moved)."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be a device string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else ["cpu"]
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name}={str(device)!r} is not a device; available here: {', '.join(available)}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(device)!r}: CUDA is not available on this machine "
+                             f"(torch.cuda.is_available() is False); available here: {', '.join(available)}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"available here: {', '.join(available)}")
+        return dev
+    raise ValueError(f"{name}={str(device)!r}: stepdrop runs on the CPU and on CUDA devices; available here: "
+                     f"{', '.join(available)}")

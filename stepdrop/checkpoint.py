@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from stepdrop._io import atomic_write
+from stepdrop._validation import check_device
 from stepdrop.models import build_model
 from stepdrop.schedule import NoiseSchedule
 
@@ -83,13 +84,7 @@ def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # random bytes reach the unpickler as any error (KeyError, IndexError, …)
-        # torch's first line only: the rest is advice (weights_only=False) that is wrong for a damaged file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"{path} is not a readable stepdrop checkpoint (corrupt or not a torch file): "
-                              f"{type(exc).__name__}: {first}") from exc
+    payload = load_torch_file(path, map_location, "checkpoint")
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise CheckpointError(
@@ -101,6 +96,46 @@ def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         if key not in payload:
             raise CheckpointError(f"{path} lacks {key!r}: the file is incomplete")
     return payload
+
+
+def load_torch_file(path: Path, map_location: str | torch.device, kind: str) -> Any:
+    """``torch.load(path, weights_only=True)`` for a file that claims to be a stepdrop ``kind``;
+    :class:`CheckpointError` naming the file and what it is instead (not a torch file, an
+    old-style pickle, a truncated archive, a torch file of other objects). torch's own advice
+    (re-load with ``weights_only=False``) is never passed on: it is wrong for an untrusted file."""
+    map_location = check_device("map_location", map_location)
+    what = _torch_file_kind(path)
+    if what is not None:
+        raise CheckpointError(f"{path} is not a stepdrop {kind}: {what}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a well-formed archive whose pickle holds more than tensors and plain values
+        raise CheckpointError(f"{path} is not a stepdrop {kind}: a torch file holding objects other than "
+                              f"tensors and plain values ({type(exc).__name__}), not written by stepdrop") from exc
+
+
+def _torch_file_kind(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch zip archive (None if it looks like one): not a torch file at
+    all, an old-style pickle, or a zip archive that is truncated or damaged."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        return "an old-style (non-zip) torch or pickle file; stepdrop writes zip archives"
+    if head != b"PK\x03\x04":
+        return f"not a torch file (it starts with {head!r}; a torch zip archive starts with b'PK\\x03\\x04')"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"a truncated or damaged torch archive ({exc})"
+    if bad is not None:
+        return f"a damaged torch archive (entry {bad!r} fails its checksum)"
+    if not any(name.endswith("data.pkl") for name in names):
+        return "a zip archive without a torch pickle (data.pkl)"
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",

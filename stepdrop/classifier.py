@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import time
-import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stepdrop._validation import check_bool, check_float, check_int, check_tensor
-from stepdrop.checkpoint import CheckpointError, atomic_save
+from stepdrop.checkpoint import CheckpointError, atomic_save, load_torch_file
 from stepdrop.data import ImageData, load_images
 
 __all__ = [
@@ -195,10 +193,7 @@ def load_classifier(path: str | os.PathLike | None = None, map_location: str | t
     path = default_classifier_path() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classifier file not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable stepdrop classifier (corrupt or not a torch file): {exc}") from exc
+    payload = load_torch_file(path, map_location, "classifier")
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path} is not a stepdrop classifier (format {fmt!r}; expected {CLASSIFIER_FORMAT!r})")

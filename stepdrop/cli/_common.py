@@ -42,7 +42,10 @@ def ints(text: str) -> tuple[int, ...]:
 
 def load_model(args: argparse.Namespace):
     """The model of --checkpoint, or the shipped model --model (default: the first one)."""
+    from stepdrop._validation import check_device
     from stepdrop.checkpoint import load_checkpoint, load_pretrained, pretrained_names
+
+    check_device("--device", args.device)  # before any file is read
 
     if args.checkpoint is not None:
         return load_checkpoint(args.checkpoint, map_location=args.device)

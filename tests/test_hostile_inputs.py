@@ -1,0 +1,89 @@
+"""Hostile inputs (issue 19, first part): model files that are not what they claim, and devices
+this machine lacks, get the project's error naming the file or device, never torch's
+traceback or its advice to unpickle with ``weights_only=False``."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+import zipfile
+
+import pytest
+import torch
+
+from stepdrop.checkpoint import CheckpointError, load_checkpoint, load_pretrained
+from stepdrop.cli import main
+
+SHIPPED = load_pretrained("fashion-mnist").path
+
+
+def _shipped_bytes() -> bytes:
+    with open(SHIPPED, "rb") as f:
+        return f.read()
+
+
+def _zip_boundaries(data: bytes) -> list[int]:
+    """Offsets where an entry starts in the archive (truncating there leaves whole entries)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return sorted({info.header_offset for info in archive.infolist()} | {len(data) - 22, len(data) - 1})
+
+
+@pytest.mark.parametrize("case", ["text", "random", "empty", "pickle", "zip without torch", "truncated"])
+def test_files_that_are_not_stepdrop_checkpoints(tmp_path, case):
+    path = tmp_path / "model.pt"
+    data = {"text": b"root:x:0:0:root:/root:/bin/bash\n", "random": random.Random(0).randbytes(4096), "empty": b"",
+            "pickle": pickle.dumps({"format": "stepdrop-model"}, protocol=2)}.get(case)
+    if case == "zip without torch":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            z.writestr("readme.txt", "hello")
+        data = buffer.getvalue()
+    if case == "truncated":
+        data = _shipped_bytes()[:5000]
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"model.pt is not a stepdrop checkpoint: ") as info:
+        load_checkpoint(path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_truncation_at_every_zip_boundary_is_refused(tmp_path):
+    data = _shipped_bytes()
+    cuts = _zip_boundaries(data)
+    assert len(cuts) > 5
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.pt"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="is not a stepdrop checkpoint") as info:
+            load_checkpoint(path)
+        assert "weights_only" not in str(info.value), cut
+
+
+def test_a_foreign_torch_file_is_named_as_such(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module: not plain tensors and values
+    with pytest.raises(CheckpointError, match="a torch file holding objects other than tensors and plain values"):
+        load_checkpoint(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+@pytest.mark.parametrize("device,match", [
+    ("cuda", r"--device='cuda': CUDA is not available on this machine .*available here: cpu"),
+    ("cuda:7", r"--device='cuda:7': CUDA is not available"),
+    ("mps", r"--device='mps': stepdrop runs on the CPU and on CUDA devices"),
+    ("gpu0", r"--device='gpu0' is not a device; available here: cpu"),
+])
+def test_devices_this_machine_lacks_are_named_before_any_file_is_read(tmp_path, capsys, device, match):
+    missing = tmp_path / "missing.pt"  # never read: the device is refused first
+    assert main(["sample", "--checkpoint", str(missing), "--device", device, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().split("error: ", 1)[1].startswith(f"--device='{device}'")
+    with pytest.raises(ValueError, match=match):
+        from stepdrop._validation import check_device
+
+        check_device("--device", device)
+
+
+def test_cli_reports_a_text_file_without_a_traceback(tmp_path, capsys):
+    assert main(["sample", "--checkpoint", "/etc/passwd", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "/etc/passwd is not a stepdrop checkpoint: not a torch file" in err
