@@ -14,7 +14,6 @@ interleaved rounds:
 Slow: runs only with ``--benchmark-only`` (``make bench``).
 """
 
-import pytest
 import torch
 
 from stepdrop import FusedSampler

@@ -14,9 +14,15 @@ import torch
 
 from stepdrop.checkpoint import atomic_save
 
-__all__ = ["FORMAT", "load", "load_matching", "safe_name", "save"]
+__all__ = ["FORMAT", "batch_seeds", "load", "load_matching", "safe_name", "save"]
 
 FORMAT = "stepdrop-compare-cell"
+
+
+def batch_seeds(seed: int, index: int) -> tuple[int, int]:
+    """(initial-noise seed, plan/step-noise seed) of batch ``index`` of every cell."""
+    base = (seed << 24) + 2 * index
+    return base, base + 1
 
 
 def safe_name(label: str) -> str:

@@ -42,11 +42,12 @@ from torch import Tensor
 from stepdrop._io import ensure_writable_folder
 from stepdrop import plots, tables
 from stepdrop import shards
-from stepdrop.cells import load as _load, load_matching as _load_matching, safe_name as _safe, save as _save
+from stepdrop.cells import batch_seeds, load as _load, load_matching as _load_matching, safe_name as _safe, save as _save
 from stepdrop.checkpoint import model_fingerprint
 from stepdrop._validation import check_choice, check_int, model_device_dtype
 from stepdrop.compiled import COMPILE_MODES, compile_model
 from stepdrop.distributed import Group
+from stepdrop.image_files import cell_targets, save_cell
 from stepdrop.cost import PeakMemory, gflops_per_call, gflops_per_variant
 from stepdrop.solvers import SOLVERS, get_solver
 from stepdrop.policies import POLICIES, OnlinePolicy, get_policy
@@ -150,8 +151,8 @@ def cell_specs(config: CompareConfig) -> list[RunSpec]:
 
 def _batch_generators(seed: int, index: int) -> tuple[torch.Generator, torch.Generator]:
     """(initial-noise generator, plan/step-noise generator) of batch ``index``."""
-    base = (seed << 24) + 2 * index
-    return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 1)
+    noise, plan = batch_seeds(seed, index)
+    return torch.Generator().manual_seed(noise), torch.Generator().manual_seed(plan)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -378,7 +379,7 @@ def run_compare(
         if spec.call_plan.width is not None:  # a named schedule may be searched again under its name
             key["widths"] = list(spec.call_plan.width.widths)
         keys[spec.label] = key
-    targets = _image_targets(specs, keys, save_images, save_format, overwrite)  # refused now, not hours later
+    targets = cell_targets(specs, keys, save_images, save_format, overwrite)  # refused now, not hours later
     reference = None
     for turn in ("main", "others"):  # rank 0 fills the feature cache first; the others read it
         if (turn == "main") == group.main:
@@ -433,7 +434,7 @@ def run_compare(
             variant_gflops[spec.calls] = gflops_per_variant(model, spec.call_plan)
         row = _cell_row(spec, n, done["state"], variant_gflops[spec.calls], config, eta)
         if spec.label in targets:
-            _save_cell_images(done["state"], key, config, targets[spec.label], overwrite)
+            save_cell(done["state"], key, config.seed, config.batch_size, targets[spec.label], overwrite)
             row["saved_images"] = str(targets[spec.label])
         row.update(done["metrics"])
         rows.append(row)
@@ -451,48 +452,6 @@ def run_compare(
     full = dict(meta=dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")), cells=rows)
     _write(full, out, grids, *film)
     return full
-
-
-def _image_targets(specs, keys, save_images, save_format: str, overwrite: bool) -> dict[str, Path]:
-    """Where each cell's samples go; ValueError before any sampling for a taken place (one
-    holding this cell's samples from the same settings is not taken: they are kept)."""
-    if save_images is None:
-        return {}
-    import json
-
-    from stepdrop.image_files import check_output, sidecar_path
-
-    check_choice("save_format", save_format, ("png", "npz"))
-    targets = {}
-    for spec in specs:
-        target = Path(save_images) / (_safe(spec.label) + (".npz" if save_format == "npz" else ""))
-        try:
-            same = json.loads(sidecar_path(target).read_text())["meta"]["key"] == keys[spec.label]
-        except (OSError, ValueError, KeyError, TypeError):
-            same = False
-        if not same:
-            check_output(target, overwrite, "save_images")
-            targets[spec.label] = target
-    return targets
-
-
-def _save_cell_images(state: dict[str, Any], key: dict[str, Any], config: CompareConfig, target: Path,
-                      overwrite: bool) -> None:
-    from stepdrop.image_files import save_samples
-
-    rows = [row for batch in state.get("visited") or [] for row in batch.tolist()]
-    visited = rows if len(rows) == state["images"].shape[0] else None  # cells stored before it was kept: None
-    records = []
-    for i in range(state["images"].shape[0]):
-        batch = i // config.batch_size
-        seeds = (config.seed << 24) + 2 * batch
-        records.append(dict(index=i, batch=batch, noise_seed=seeds, plan_seed=seeds + 1,
-                            row=i - batch * config.batch_size, nfe=int(state["nfe"][i]),
-                            timesteps=None if visited is None else [int(v) for v in visited[i] if v >= 0]))
-    save_samples(state["images"], target, records=records, overwrite=overwrite,
-                 meta=dict(label=key["label"], key=key, noise=f"x_T of batch b: row `row` of torch.randn((batch_size, "
-                           f"C, H, W), generator=torch.Generator().manual_seed(noise_seed)); plans and step noise "
-                           f"from torch.Generator().manual_seed(plan_seed)"))
 
 
 def _check_runnable(model: torch.nn.Module, schedule: NoiseSchedule, config: CompareConfig,

@@ -27,8 +27,10 @@ import torch
 from torch import Tensor
 
 from stepdrop._io import atomic_write_bytes
+from stepdrop._validation import check_choice
+from stepdrop.cells import batch_seeds, safe_name
 
-__all__ = ["check_output", "save_samples", "sidecar_path"]
+__all__ = ["cell_targets", "check_output", "save_cell", "save_samples", "sidecar_path"]
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -95,3 +97,41 @@ def _write_folder(nhwc: np.ndarray, path: Path, sidecar: dict[str, Any]) -> None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def cell_targets(specs, keys, save_images, save_format: str, overwrite: bool) -> dict[str, Path]:
+    """``compare --save-images``: where each cell's samples go (``specs``: RunSpecs, ``keys``: the
+    cells' settings keys by label); ValueError before any sampling for a taken place (one
+    holding this cell's samples from the same settings is not taken: they are kept)."""
+    if save_images is None:
+        return {}
+    check_choice("save_format", save_format, ("png", "npz"))
+    targets = {}
+    for spec in specs:
+        target = Path(save_images) / (safe_name(spec.label) + (".npz" if save_format == "npz" else ""))
+        try:
+            same = json.loads(sidecar_path(target).read_text())["meta"]["key"] == keys[spec.label]
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if not same:
+            check_output(target, overwrite, "save_images")
+            targets[spec.label] = target
+    return targets
+
+
+def save_cell(state: dict[str, Any], key: dict[str, Any], seed: int, batch_size: int, target: Path,
+              overwrite: bool) -> None:
+    """Write a finished ``compare`` cell's samples with each one's seeds and timesteps."""
+    rows = [row for batch in state.get("visited") or [] for row in batch.tolist()]
+    visited = rows if len(rows) == state["images"].shape[0] else None  # cells stored before it was kept: None
+    records = []
+    for i in range(state["images"].shape[0]):
+        batch = i // batch_size
+        noise_seed, plan_seed = batch_seeds(seed, batch)
+        records.append(dict(index=i, batch=batch, noise_seed=noise_seed, plan_seed=plan_seed,
+                            row=i - batch * batch_size, nfe=int(state["nfe"][i]),
+                            timesteps=None if visited is None else [int(v) for v in visited[i] if v >= 0]))
+    save_samples(state["images"], target, records=records, overwrite=overwrite,
+                 meta=dict(label=key["label"], key=key, noise="x_T of batch b: row `row` of torch.randn((batch_size, "
+                           "C, H, W), generator=torch.Generator().manual_seed(noise_seed)); plans and step noise "
+                           "from torch.Generator().manual_seed(plan_seed)"))

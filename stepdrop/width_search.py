@@ -20,7 +20,6 @@ recorded apart and never counted into the sampling cost of the schedule it finds
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
