@@ -126,6 +126,32 @@ def test_mutated_model_files_fail_only_with_the_projects_error(tmp_path_factory,
         _FUZZ_COUNT["refused"] += 1
 
 
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                    max_leaves=12)
+
+
+@FUZZ
+@given(value=st.one_of(JSON, st.fixed_dictionaries({"widths": JSON}),
+                       st.fixed_dictionaries({"widths": st.lists(st.floats(allow_nan=True), max_size=6)})),
+       raw=st.one_of(st.none(), st.binary(max_size=64)))
+def test_width_schedule_files_fail_only_with_a_value_error(tmp_path_factory, value, raw):
+    """A named width schedule (``+width(@file.json)``) that is not one: ValueError naming it."""
+    import json
+
+    from stepdrop.variants import parse_calls
+
+    _FUZZ_COUNT["widths"] = _FUZZ_COUNT.get("widths", 0) + 1
+    path = tmp_path_factory.mktemp("widths") / "schedule.json"
+    path.write_bytes(raw if raw is not None else json.dumps(value).encode())
+    try:
+        plan = parse_calls(f"+width(@{path})")
+    except ValueError as exc:
+        assert "schedule" in str(exc) or "width" in str(exc)
+    else:
+        assert all(0 < w <= 1 for w in plan.width.widths)
+
+
 def test_fuzz_case_count_is_reported(capsys):
     """The count of cases the fuzz suite tried, printed in the test summary (runs after it)."""
     if _FUZZ_COUNT["checkpoint"] == 0:
@@ -133,4 +159,6 @@ def test_fuzz_case_count_is_reported(capsys):
     with capsys.disabled():
         print(f"\nfuzz: {_FUZZ_COUNT['checkpoint']} mutated model files, {_FUZZ_COUNT['refused']} refused with "
               f"CheckpointError, the rest loaded (bytes the archive never reads), no other exception")
-    assert _FUZZ_COUNT["checkpoint"] >= 1000 and _FUZZ_COUNT["refused"] > 900
+        print(f"fuzz: {_FUZZ_COUNT.get('widths', 0)} malformed width-schedule files, each refused with ValueError or "
+              f"read as a valid schedule")
+    assert _FUZZ_COUNT["checkpoint"] >= 1000 and _FUZZ_COUNT["refused"] > 900 and _FUZZ_COUNT.get("widths", 0) >= 1000
