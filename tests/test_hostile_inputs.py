@@ -152,6 +152,48 @@ def test_width_schedule_files_fail_only_with_a_value_error(tmp_path_factory, val
         assert all(0 < w <= 1 for w in plan.width.widths)
 
 
+SCHEDULE_VALUES = st.one_of(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=12),
+    st.lists(st.floats(0.0, 1.0), min_size=2, max_size=12),  # in range, often not monotone
+    JSON)
+
+
+@FUZZ
+@given(kind=st.sampled_from(["custom", "linear", "cosine", "scaled_linear", "other", None]),
+       table=SCHEDULE_VALUES, T=st.one_of(st.integers(-5, 2000), st.floats(allow_nan=True), st.text(max_size=3)),
+       params=st.one_of(st.none(), st.dictionaries(st.sampled_from(["beta_start", "beta_end", "s", "x"]),
+                                                   st.one_of(st.floats(allow_nan=True), st.text(max_size=3)))))
+def test_checkpoints_with_malformed_schedules_fail_only_with_the_projects_error(tmp_path_factory, kind, table, T,
+                                                                                   params):
+    """A model file whose noise schedule is malformed (NaN, negative or non-monotone ᾱ, wrong
+    types, unknown kinds): CheckpointError, or a schedule that passed the schedule's own checks."""
+    _FUZZ_COUNT["schedules"] = _FUZZ_COUNT.get("schedules", 0) + 1
+    payload = dict(_TINY_PAYLOAD)
+    payload["schedule"] = {"kind": kind, "num_timesteps": T, "alphas_cumprod": table, "params": params or {}}
+    path = tmp_path_factory.mktemp("schedule") / "model.pt"
+    torch.save(payload, path)
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as exc:
+        assert str(path) in str(exc)
+    else:
+        a = loaded.schedule.alphas_cumprod
+        assert torch.isfinite(a).all() and (a > 0).all() and (a <= 1).all() and (a[1:] <= a[:-1]).all()
+
+
+def _tiny_payload() -> dict:
+    from stepdrop import NoiseSchedule, TinyUNet
+    from stepdrop.checkpoint import FORMAT_VERSION, MODEL_FORMAT
+
+    model = TinyUNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1,), num_res_blocks=1,
+                     attention_resolutions=())
+    return dict(format=MODEL_FORMAT, version=FORMAT_VERSION, model_config=model.config,
+                schedule=NoiseSchedule.linear(10).to_config(), ema=model.state_dict(), meta={})
+
+
+_TINY_PAYLOAD = _tiny_payload()
+
+
 def test_fuzz_case_count_is_reported(capsys):
     """The count of cases the fuzz suite tried, printed in the test summary (runs after it)."""
     if _FUZZ_COUNT["checkpoint"] == 0:
@@ -161,4 +203,7 @@ def test_fuzz_case_count_is_reported(capsys):
               f"CheckpointError, the rest loaded (bytes the archive never reads), no other exception")
         print(f"fuzz: {_FUZZ_COUNT.get('widths', 0)} malformed width-schedule files, each refused with ValueError or "
               f"read as a valid schedule")
-    assert _FUZZ_COUNT["checkpoint"] >= 1000 and _FUZZ_COUNT["refused"] > 900 and _FUZZ_COUNT.get("widths", 0) >= 1000
+        print(f"fuzz: {_FUZZ_COUNT.get('schedules', 0)} model files with malformed noise schedules, each refused with "
+              f"CheckpointError or read as a valid schedule")
+    assert _FUZZ_COUNT["checkpoint"] >= 1000 and _FUZZ_COUNT["refused"] > 900
+    assert _FUZZ_COUNT.get("widths", 0) >= 1000 and _FUZZ_COUNT.get("schedules", 0) >= 1000
