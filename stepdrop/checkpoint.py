@@ -129,8 +129,8 @@ def _torch_file_kind(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        return f"a truncated or damaged torch archive ({exc})"
+    except Exception as exc:  # BadZipFile, EOFError, zlib.error, NotImplementedError (a foreign method), …
+        return f"a truncated or damaged torch archive ({type(exc).__name__}: {exc})"
     if bad is not None:
         return f"a damaged torch archive (entry {bad!r} fails its checksum)"
     if not any(name.endswith("data.pkl") for name in names):

@@ -42,9 +42,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def check_output(path: str | os.PathLike, overwrite: bool, name: str = "save_images") -> Path:
     """``path`` as a Path; ValueError if it already holds something and ``overwrite`` is False
     (checked before any sampling, so hours of work never end in a refusal)."""
-    path = Path(path)
-    if path.suffix not in ("", ".npz") and not path.is_dir():
-        raise ValueError(f"{name} must be a folder (numbered PNGs) or a .npz file, got {str(path)!r}")
+    path = Path(path)  # a folder of PNGs unless it ends in .npz (cell names hold dots: mixres_0.5_0.3)
     taken = path.is_file() or (path.is_dir() and any(path.iterdir()))
     if taken and not overwrite:
         raise ValueError(f"{name}: {path} exists and is not empty; choose another path or pass --overwrite "

@@ -326,8 +326,9 @@ class FusedSampler:
         check_at = 0
         try:
             for k in steps:
-                if hook is not None and x.device.type == "cpu" and not bool(active.any()):
-                    break  # every online row has ended: free to see on the CPU, a sync on a GPU
+                if hook is not None and x.device.type == "cpu" and calls.variants[k].scale == 1.0 and \
+                        not bool(active.any()):
+                    break  # every online row has ended (and x is at full size): free to see on the CPU
                 eps = self._evaluate(calls, x, t, k, counts, run)
                 remaining = None if hook is None else hook(k, x, eps, ts)
                 if solver.history:  # steps left per sample, this one included: the multistep order's cap

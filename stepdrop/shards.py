@@ -73,6 +73,9 @@ def done_batches(folder: Path, legacy: Path, key: dict[str, Any], log: Callable[
         if count:
             folder.mkdir(parents=True, exist_ok=True)
             record = dict(new_state(key, tuple(old["images"].shape[1:]), old["histogram"].numel()), **old)
+            # written before call variants were counted: every call was a full one
+            record["calls_by_variant"] = old.get("calls_by_variant") or {"full": int(old["nfe"].sum())}
+            record["evaluated_by_variant"] = old.get("evaluated_by_variant") or {"full": int(old["evaluated_samples"])}
             save(dict(record, indices=list(range(count))), folder / f"batch-{0:06d}.pt")
         legacy.unlink(missing_ok=True)
     found: dict[int, Path] = {}

@@ -302,6 +302,7 @@ class ModelCalls:
         self.variants = calls.variants(columns)
         self.cached = calls.cache is not None
         self.slimmed = calls.width is not None
+        self.previous_width = getattr(model, "width", 1.0) if self.slimmed else 1.0
         self.feature: Tensor | None = None
 
     def __call__(self, k: int, x: Tensor, t: Tensor) -> Tensor:
@@ -314,9 +315,9 @@ class ModelCalls:
         return out
 
     def finish(self) -> None:
-        """Leave the model as it was given: a slimmable model back at full width."""
+        """Leave the model as it was given: a slimmable model back at the width it had."""
         if self.slimmed:
-            self.model.set_width(1.0)
+            self.model.set_width(self.previous_width)
 
     def size_at(self, k: int) -> tuple[int, int]:
         """(H, W) of x at column k."""

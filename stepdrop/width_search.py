@@ -92,15 +92,24 @@ def expand_bands(genome: tuple[float, ...], calls: int) -> tuple[float, ...]:
 
 
 def search_widths(model, schedule: NoiseSchedule, search: WidthSearch, reference: Tensor, out: str | Path, *,
-                  name: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  extractor: str | None = None, name: str | None = None, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the search into ``out``; returns the result written to ``widths.json``
     and to the named schedule (:func:`width_schedule_path`), default name
-    ``<solver>-<policy>-<budget>``. ``reference``: the reference set's Inception features."""
+    ``<solver>-<policy>-<budget>``. ``reference``: the reference set's Inception features, from
+    ``extractor`` (default :func:`stepdrop.metrics.default_extractor`), which the samples use too."""
+    import hashlib
+
     from stepdrop import metrics
+    from stepdrop.checkpoint import model_fingerprint
 
     out = Path(out)
     widths = check_slimmable(model)
-    settings = asdict(search)
+    extractor = extractor or metrics.default_extractor()
+    columns = _plan_columns(search, schedule)
+    # a resumed search must be the same search: settings, weights and reference features
+    settings = dict(asdict(search), model=model_fingerprint(model), extractor=extractor,
+                    reference=hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:16])
     state_path = out / "search_state.json"
     state = _load_state(state_path, settings, log)
     rng = torch.Generator().manual_seed(search.seed)
@@ -108,7 +117,6 @@ def search_widths(model, schedule: NoiseSchedule, search: WidthSearch, reference
         rng.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
     if not state["population"]:
         state["population"] = _first_population(widths, search, rng)
-    columns = len(get_policy(search.policy).plan(schedule, search.budget).timesteps) - 1
     sampler_noise = torch.Generator().manual_seed(search.seed + 1)
     noise = torch.randn((search.num_samples, *model.sample_shape), generator=sampler_noise)
 
@@ -125,7 +133,7 @@ def search_widths(model, schedule: NoiseSchedule, search: WidthSearch, reference
                 used[label] = used.get(label, 0) + int(n.sum())
             model_calls += stats.model_calls
             evaluated += int(stats.nfe.sum())
-        features = metrics.extract_features(torch.cat(images), extractor=metrics.default_extractor())
+        features = metrics.extract_features(torch.cat(images), extractor=extractor)
         per_call = gflops_per_variant(model, calls)
         gflops = sum(per_call[label] * n for label, n in used.items()) / search.num_samples
         if search.metric == "fid":
@@ -162,9 +170,30 @@ def search_widths(model, schedule: NoiseSchedule, search: WidthSearch, reference
     return _write_result(state, search, columns, widths, out, name or f"{search.solver}-{search.policy}-{search.budget}")
 
 
+def _plan_columns(search: WidthSearch, schedule: NoiseSchedule) -> int:
+    """Calls per sample of the searched plan; ValueError for a policy whose plan is not one fixed
+    list of K timesteps (online, per-sample or random-per-batch plans, plans that probe a model)."""
+    from stepdrop.policies import OnlinePolicy
+
+    policy = get_policy(search.policy)
+    if isinstance(policy, OnlinePolicy):
+        raise ValueError(f"policy {search.policy!r} picks its steps online: a width per call needs a fixed plan")
+    try:
+        plans = [policy.plan(schedule, search.budget, batch_size=2, generator=torch.Generator().manual_seed(s))
+                 for s in (0, 1)]
+    except ValueError as exc:
+        raise ValueError(f"policy {search.policy!r} cannot be width-searched here: {exc}") from None
+    if plans[0].per_sample or not torch.equal(plans[0].timesteps, plans[1].timesteps):
+        raise ValueError(f"policy {search.policy!r} draws its plans at random: a width per call needs one fixed plan; "
+                         f"use a deterministic spacing (uniform, quadratic, logsnr, cosine, …)")
+    return plans[0].length - 1
+
+
 def _first_population(widths: tuple[float, ...], search: WidthSearch, rng: torch.Generator) -> list[list[float]]:
     population = [[w] * search.genes for w in widths][: search.population]
-    while len(population) < search.population:
+    for _ in range(100 * search.population):  # fewer distinct genomes may exist than asked for: a bound
+        if len(population) >= search.population:
+            break
         genome = [widths[int(i)] for i in torch.randint(0, len(widths), (search.genes,), generator=rng)]
         if genome not in population:
             population.append(genome)

@@ -59,6 +59,19 @@ def test_truncation_at_every_zip_boundary_is_refused(tmp_path):
         assert "weights_only" not in str(info.value), cut
 
 
+@pytest.mark.parametrize("field,value", [(8, 0x01), (10, 99), (10, 8)])  # encrypted; unknown method; deflate
+def test_a_damaged_central_directory_is_named(tmp_path, field, value):
+    """One byte of the central directory changed: the zip reader's own exceptions (RuntimeError,
+    NotImplementedError, zlib.error) become the project's error."""
+    data = bytearray(_shipped_bytes())
+    central = data.rfind(b"PK\x01\x02")
+    data[central + field] = value
+    path = tmp_path / "model.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is not a stepdrop checkpoint"):
+        load_checkpoint(path)
+
+
 def test_a_foreign_torch_file_is_named_as_such(tmp_path):
     path = tmp_path / "module.pt"
     torch.save(torch.nn.Linear(2, 2), path)  # a pickled module: not plain tensors and values

@@ -44,8 +44,9 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or old folder left
     (tmp_path / "empty").mkdir()
     check_output(tmp_path / "empty", overwrite=False)  # an empty folder is fine
-    with pytest.raises(ValueError, match="must be a folder .* or a .npz file"):
-        check_output(tmp_path / "x.png", overwrite=False)
+    # a cell's folder name holds dots (mixres_0.5_0.3): still a folder of PNGs
+    folder = save_samples(_images(2), tmp_path / "ddim-50+mixres_0.5_0.3")
+    assert folder.is_dir() and (folder / "000001.png").is_file()
     with pytest.raises(ValueError, match="records must hold one entry per image"):
         save_samples(_images(), tmp_path / "b", records=[{}])
 

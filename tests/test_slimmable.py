@@ -126,6 +126,10 @@ def test_sampler_runs_a_width_schedule_and_leaves_full_width():
     images, stats = sampler.sample(3, "uniform", budget=4, generator=gen(0))
     assert stats.variants == ("w0.25", "w0.5", "w0.75", "full")  # a width change forces a full call
     assert model.width == 1.0 and torch.isfinite(images).all()
+    model.set_width(0.5)  # the width the user left is restored, not reset to 1
+    FusedSampler(model, schedule, calls="+width(0.25)").sample(1, "uniform", budget=2, generator=gen(0))
+    assert model.width == 0.5
+    model.set_width(1.0)
     one, _ = FusedSampler(model, schedule, calls="+width(0.5)").sample(3, "uniform", budget=4, generator=gen(0))
     with model.at_width(0.5):
         same, _ = FusedSampler(model, schedule).sample(3, "uniform", budget=4, generator=gen(0))

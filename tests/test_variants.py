@@ -316,3 +316,12 @@ def test_spec_lists_split_outside_parentheses():
 
     assert split_specs("ddim-50+cache(3,0), unipc:logsnr-10+mixres(0.5,0.3)+cache(2,1,quadratic),ddim-10,") == [
         "ddim-50+cache(3,0)", "unipc:logsnr-10+mixres(0.5,0.3)+cache(2,1,quadratic)", "ddim-10"]
+
+
+def test_an_online_run_that_ends_early_still_returns_full_size_images():
+    """Every row may end during the low-resolution phase: the loop goes on to the switch."""
+    from stepdrop import Adaptive
+
+    images, stats = FusedSampler(unet(), SCHEDULE, calls="+mixres(0.5,0.9)").sample(
+        2, Adaptive(tol=1e6), budget=10, generator=gen(0))
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()

@@ -101,3 +101,17 @@ def test_a_plain_model_is_refused_and_the_cli_explains(capsys):
     assert main(["search-widths", "--budget", "2", "--num-samples", "2", "--out", "/tmp/unused-search",
                  "--no-progress"]) == 2
     assert "width needs a slimmable model" in capsys.readouterr().err
+
+
+def test_small_genome_spaces_and_unsearchable_policies():
+    from stepdrop.width_search import _plan_columns
+
+    # one band and four widths: four genomes exist, fewer than the population asked for
+    first = _first_population(WIDTHS, WidthSearch(bands=1, budget=4, population=12), torch.Generator().manual_seed(0))
+    assert sorted(first) == [[0.25], [0.5], [0.75], [1.0]]
+    assert _plan_columns(WidthSearch(policy="quadratic", budget=7), SCHEDULE) == 7
+    for policy, match in (("adaptive", "picks its steps online"), ("stepdrop", "draws its plans at random"),
+                          ("stepdrop_per_sample", "draws its plans at random"),
+                          ("gradient_aware", "cannot be width-searched here")):
+        with pytest.raises(ValueError, match=match):
+            _plan_columns(WidthSearch(policy=policy, budget=6), SCHEDULE)

@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     reference = metrics.reference_features(dataset, "test", args.ref_samples, extractor=args.extractor,
                                            cache_dir=args.cache_dir, data_root=args.data_root,
                                            device=args.device, progress=not args.no_progress)
-    result = search_widths(loaded.model, loaded.schedule, search, reference, out, name=args.name,
-                           progress=not args.no_progress)
+    result = search_widths(loaded.model, loaded.schedule, search, reference, out, extractor=args.extractor,
+                           name=args.name, progress=not args.no_progress)
     cost = result["search"]["cost"]
     print(f"best: {result['metric']} {result['quality']:.3f} at {result['gflops']:.3f} GFLOPs/sample; widths "
           f"{','.join(f'{w:g}' for w in result['widths'])}")

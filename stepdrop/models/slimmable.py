@@ -45,16 +45,33 @@ def active_channels(channels: int, width: float) -> int:
     return min(channels, CHANNEL_MULTIPLE * math.ceil(channels * width / CHANNEL_MULTIPLE))
 
 
+_INDICES: dict[tuple, Tensor] = {}
+"""Index tensors by (what, sizes, width, device): built once, so a call copies nothing from the
+host (a CUDA-graph capture forbids that; the capture's warm-up steps build them first)."""
+
+
 def _input_index(parts: Sequence[int], width: float, device: torch.device) -> Tensor | None:
     """Columns of a layer reading the concatenation of ``parts``: the first active channels of
     each part (None at full width: all of them)."""
     if width >= 1.0:
         return None
-    index, start = [], 0
-    for c in parts:
-        index.extend(range(start, start + active_channels(c, width)))
-        start += c
-    return torch.tensor(index, device=device)
+    key = ("parts", tuple(parts), width, str(device))
+    if key not in _INDICES:
+        index, start = [], 0
+        for c in parts:
+            index.extend(range(start, start + active_channels(c, width)))
+            start += c
+        _INDICES[key] = torch.tensor(index, device=device)
+    return _INDICES[key]
+
+
+def _qkv_rows(channels: int, width: float, device: torch.device) -> Tensor:
+    """Rows of a qkv convolution at ``width``: the first active rows of each of q, k and v."""
+    key = ("qkv", channels, width, str(device))
+    if key not in _INDICES:
+        third, keep = channels // 3, active_channels(channels // 3, width)
+        _INDICES[key] = torch.tensor([i * third + j for i in range(3) for j in range(keep)], device=device)
+    return _INDICES[key]
 
 
 class _SlimConv2d(nn.Conv2d):
@@ -62,8 +79,7 @@ class _SlimConv2d(nn.Conv2d):
         w, parts, width = self.weight, self.in_parts, self.width
         out = self.out_channels if self.full_output else active_channels(self.out_channels, width)
         if self.qkv and width < 1.0:  # q, k and v: the first active rows of each third
-            third, keep = self.out_channels // 3, active_channels(self.out_channels // 3, width)
-            rows = torch.cat([torch.arange(i * third, i * third + keep, device=w.device) for i in range(3)])
+            rows = _qkv_rows(self.out_channels, width, w.device)
             w, bias = w.index_select(0, rows), self.bias.index_select(0, rows) if self.bias is not None else None
         else:
             w, bias = w[:out], self.bias[:out] if self.bias is not None else None
