@@ -68,12 +68,16 @@ class Group:
         _collective(what, self, dist.all_gather_object, out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, destroy: bool = True) -> None:
         """Wait until every rank is done (rank 0 writes last), then leave the group: a rank that
-        exits while another is still in a collective would take the process group down with it."""
+        exits while another is still in a collective would take the process group down with it.
+        ``destroy=False`` keeps the group for a process that ends right after (the command line
+        exits with ``os._exit`` then: gloo's teardown, racing the other ranks' closing sockets,
+        can abort a finished rank)."""
         if self.world > 1 and dist.is_initialized():
             self.barrier("the end of the run")
-            dist.destroy_process_group()
+            if destroy:
+                dist.destroy_process_group()
 
     def broadcast(self, obj: Any, what: str) -> Any:
         """Rank 0's ``obj`` on every rank."""

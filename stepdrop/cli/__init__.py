@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -25,12 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dist_world() -> int:
+    """The torchrun world size of this process (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command as typed, for reports
     try:
-        return args.func(args)
+        code = args.func(args)
+        if dist_world() > 1:  # under torchrun: every rank passed the final barrier; skip the C++ teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as exc:
         print(f"stepdrop {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
                          save_images=args.save_images, save_format=args.save_format, overwrite=args.overwrite,
                          group=group)
     if not group.main:
-        group.close()
+        group.close(destroy=False)  # the command exits right after (stepdrop.cli.main)
         return 0
     print(f"{len(report['cells'])} cells; report.md, report.json, report.csv and plots in {args.out}")
-    group.close()
+    group.close(destroy=False)  # the command exits right after (stepdrop.cli.main)
     return 0

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, cuda_graph=args.cuda_graph, batch_size=args.batch_size,
                         group=group)
     if not group.main:
-        group.close()
+        group.close(destroy=False)  # the command exits right after (stepdrop.cli.main)
         return 0
     rows = []
     for spec, images, row in results:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     json_path, csv_path = write_results(rows, out, meta)
     print(format_table(rows))
     print(f"grids, {json_path.name} and {csv_path.name} in {out}")
-    group.close()
+    group.close(destroy=False)  # the command exits right after (stepdrop.cli.main)
     return 0
 
 
