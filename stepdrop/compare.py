@@ -169,10 +169,12 @@ def _sample_cell(model, schedule, spec: RunSpec, n: int, config: CompareConfig, 
     folder = shards.batch_dir(cells_dir, _safe(spec.label))
     batches = math.ceil(n / config.batch_size)
     legacy = cells_dir / f"{_safe(spec.label)}.partial.pt"
-    if group.main:
-        shards.done_batches(folder, legacy, key, log, convert=True)
+    # rank 0 converts a legacy partial and sets foreign or damaged batch files aside before the
+    # others look, so no two ranks rename the same file; then each reads what is done
+    done = shards.done_batches(folder, legacy, key, log, convert=True) if group.main else None
     group.barrier(f"resuming cell {spec.label}")
-    done = shards.done_batches(folder, legacy, key, log, convert=False)
+    if done is None:
+        done = shards.done_batches(folder, legacy, key, log, convert=False)
     mine = [i for i in group.shard(range(batches)) if i not in done]
     bar = None
     if progress and group.main:  # the whole job's progress, counted from the batch files
@@ -367,8 +369,9 @@ def run_compare(
     _check_runnable(model, schedule, config, specs)
     gflops = gflops_per_call(model)
     log(f"{len(specs)} cells, {config.num_samples} samples each (unless @n), {gflops:.3f} GFLOPs per model call")
+    device_name = _device_name(device)
     sample_key = dict(seed=config.seed, batch_size=config.batch_size, clip=config.clip, model=model_fingerprint(model),
-                      T=schedule.num_timesteps, device=_device_name(device), backend=config.backend,
+                      T=schedule.num_timesteps, device=device_name, backend=config.backend,
                       cuda_graph=config.cuda_graph)
     if config.compile != "none":  # images/s belong to it (kept out of the key otherwise: older cells stay valid)
         sample_key["compile"] = config.compile
@@ -395,7 +398,7 @@ def run_compare(
     meta = dict(
         model=model_name, dataset=config.dataset,
         reference=dict(split=config.ref_split, num_images=int(reference.shape[0]), extractor=extractor),
-        seed=config.seed, num_samples=config.num_samples, clip=config.clip, device=_device_name(device),
+        seed=config.seed, num_samples=config.num_samples, clip=config.clip, device=device_name,
         torch=str(torch.__version__), gflops_per_call=gflops, command=command, ranks=group.world,
         interval=(f"95 % bootstrap over the generated samples ({config.bootstrap} resamples, percentile spread "
                   f"re-centred on the estimate, "

@@ -20,17 +20,11 @@ __all__ = ["gflops_per_call", "gflops_per_variant", "PeakMemory"]
 
 @torch.no_grad()
 def gflops_per_call(model: torch.nn.Module, sample_shape: Sequence[int] | None = None, timestep: int = 500) -> float:
-    """GFLOPs of one forward of ``model`` on a single sample (batch 1) at ``timestep``."""
-    shape = tuple(sample_shape) if sample_shape is not None else getattr(model, "sample_shape", None)
-    if shape is None:
-        raise ValueError("sample_shape=(C, H, W) is required: the model has no sample_shape attribute")
-    shape = tuple(check_int("sample_shape", d, low=1) for d in shape)
-    device, dtype = model_device_dtype(model)
-    x = torch.randn(1, *shape, device=device, dtype=dtype)
-    t = torch.full((1,), check_int("timestep", timestep, low=0), device=device, dtype=torch.int64)
-    with FlopCounterMode(display=False) as counter:
-        model(x, t)
-    return counter.get_total_flops() / 1e9
+    """GFLOPs of one forward of ``model`` on a single sample (batch 1) at ``timestep``: the full
+    call of :func:`gflops_per_variant`."""
+    from stepdrop.variants import CallPlan
+
+    return gflops_per_variant(model, CallPlan(), sample_shape, timestep)["full"]
 
 
 @torch.no_grad()
@@ -42,6 +36,7 @@ def gflops_per_variant(model: torch.nn.Module, calls, sample_shape: Sequence[int
     shape = tuple(sample_shape) if sample_shape is not None else getattr(model, "sample_shape", None)
     if shape is None:
         raise ValueError("sample_shape=(C, H, W) is required: the model has no sample_shape attribute")
+    shape = tuple(check_int("sample_shape", d, low=1) for d in shape)
     from stepdrop.variants import Variant, reduced_size
 
     calls.check_model(model, shape)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from stepdrop._io import atomic_write_bytes
-from stepdrop._validation import check_choice, check_float, check_int
+from stepdrop._validation import check_choice, check_float, check_int, model_device_dtype
 from stepdrop.cost import gflops_per_variant
 from stepdrop.policies import get_policy
 from stepdrop.sampler import FusedSampler
@@ -126,7 +126,7 @@ def search_widths(model, schedule: NoiseSchedule, search: WidthSearch, reference
         images, used, start = [], {}, time.perf_counter()
         model_calls = evaluated = 0
         for i in range(0, search.num_samples, search.batch_size):
-            x, stats = sampler.sample(noise[i:i + search.batch_size].to(_device(model)), search.policy,
+            x, stats = sampler.sample(noise[i:i + search.batch_size].to(model_device_dtype(model)[0]), search.policy,
                                       budget=search.budget, generator=torch.Generator().manual_seed(search.seed + 2 + i))
             images.append(metrics.to_uint8(x.cpu()))
             for label, n in stats.calls_by_variant().items():
@@ -251,10 +251,6 @@ def _write_result(state: dict[str, Any], search: WidthSearch, columns: int, widt
 
 def _key(genome) -> str:
     return ",".join(f"{w:g}" for w in genome)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _load_state(path: Path, settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
